@@ -1,0 +1,36 @@
+//! `fmboost`: the client of the cluster, the in-process runner on the embedded default, the
+//! trainer, the golden checks and the benchmarks. Each command lives in its own module; this
+//! file only dispatches.
+
+mod golden;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fmboost", version, about = "High-resolution image synthesis with latent diffusion + coupling flow matching")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run reference-vector files (shared/golden format) and compare against our models.
+    CheckGolden(golden::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckGolden(args) => golden::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

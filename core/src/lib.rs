@@ -1,0 +1,1 @@
+//! Wire tensors, job specs, the Redis transport and the worker runtime. Knows nothing of candle.

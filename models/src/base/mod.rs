@@ -1,0 +1,1 @@
+//! SD 1.5 text-to-latent: CLIP, UNet, schedulers (issue B).

@@ -1,0 +1,16 @@
+//! Every neural network and sampler of fmboost, on candle. Knows nothing of Redis or gRPC.
+//!
+//! - [`cfm`]: the paper's Coupling Flow Matching UNet, its sampler and ODE solvers.
+//! - [`autoencoder`]: the kl-f8 VAE (diffusers and LDM layouts), tiled decoding.
+//! - [`base`]: SD 1.5 text-to-latent (CLIP, UNet, DDIM / Euler-a / LCM).
+//! - [`golden`]: checks against the reference vectors in `shared/golden`.
+//! - [`train`]: the trainer (autoencoder, CFM hops, base generator).
+//! - [`rng`]: seeded noise drawn on the CPU (see "Determinism" in the architecture doc).
+
+pub mod autoencoder;
+pub mod base;
+pub mod cfm;
+pub mod device;
+pub mod golden;
+pub mod rng;
+pub mod train;

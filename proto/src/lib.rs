@@ -1,0 +1,1 @@
+//! Generated gRPC and message types (filled in by issue C).

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The project's test command (README "Tests"): installs what the tests need, then runs them.
+# Works on a fresh Debian machine; CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Tests that need Redis start their own redis-server on a free loopback port.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "test.sh: redis-server missing, installing Debian's package" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+# The golden vectors live beside the checkout (shared/golden); tests read FMBOOST_GOLDEN_DIR.
+export FMBOOST_GOLDEN_DIR="${FMBOOST_GOLDEN_DIR:-$(cd .. && pwd)/shared/golden}"
+if [ ! -d "$FMBOOST_GOLDEN_DIR" ]; then
+    echo "test.sh: golden vectors not found at $FMBOOST_GOLDEN_DIR (set FMBOOST_GOLDEN_DIR)" >&2
+    exit 1
+fi
+
+cargo build --workspace --bins
+cargo test --workspace "$@"
