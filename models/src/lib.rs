@@ -12,5 +12,6 @@ pub mod base;
 pub mod cfm;
 pub mod device;
 pub mod golden;
+pub mod progress;
 pub mod rng;
 pub mod train;
