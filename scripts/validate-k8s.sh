@@ -4,11 +4,13 @@
 #   scripts/validate-k8s.sh [--out DIR]
 #
 # 1. renders every overlay under k8s/overlays with `kubectl kustomize`;
-# 2. runs the validators' own tests (scripts/test_k8s_validate.py);
-# 3. validates each render (scripts/k8s_validate.py): Kubernetes schemas (strict, for
+# 2. lints docker/Dockerfile.cpu and docker/Dockerfile.cuda with hadolint (they are not
+#    built here: no Docker engine);
+# 3. runs the validators' own tests (scripts/test_k8s_validate.py);
+# 4. validates each render (scripts/k8s_validate.py): Kubernetes schemas (strict, for
 #    each version in FMBOOST_K8S_VERSIONS), KEDA ScaledObjects against
 #    k8s/schemas/keda-scaledobject-v1alpha1.schema.json, and consistency checks;
-# 4. writes DIR/container-args.json (scripts/k8s_container_args.py): each container's
+# 5. writes DIR/container-args.json (scripts/k8s_container_args.py): each container's
 #    binary, expanded args, ports and probe ports, for the test that checks them against
 #    the binaries' --help.
 # DIR (default target/k8s-validate) also keeps the renders, DIR/<overlay>.yaml.
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
 done
 # Oldest Kubernetes we support (native gRPC probes are GA since 1.27) and the newest
 # that kubernetes-validate knows.
-versions=(${FMBOOST_K8S_VERSIONS:-1.29 1.37})
+read -r -a versions <<<"${FMBOOST_K8S_VERSIONS:-1.29 1.37}"
 
 if ! command -v kubectl >/dev/null 2>&1; then
     echo "validate-k8s.sh: kubectl not found; it renders the overlays (kubectl kustomize)" >&2
@@ -64,6 +66,10 @@ if [ ${#renders[@]} -eq 0 ]; then
     echo "validate-k8s.sh: no overlays under k8s/overlays" >&2
     exit 1
 fi
+
+# The images: no Docker engine here, so the Dockerfiles are linted, not built.
+"$venv/bin/hadolint" docker/Dockerfile.cpu docker/Dockerfile.cuda
+echo "validate-k8s.sh: hadolint passes docker/Dockerfile.cpu and docker/Dockerfile.cuda"
 
 "$py" -m unittest discover --start-directory scripts --pattern 'test_k8s_*.py'
 
