@@ -4,6 +4,8 @@ Shared by k8s_container_args.py (prints what each container runs, as JSON) and
 k8s_validate.py (schemas and consistency checks). Needs PyYAML.
 """
 
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass, field
 
@@ -22,11 +24,13 @@ class ManifestError(Exception):
 
 def load_documents(path):
     """All non-empty YAML documents of a rendered overlay file."""
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             docs = [d for d in yaml.safe_load_all(f) if d is not None]
-        except yaml.YAMLError as e:
-            raise ManifestError(f"{path}: not valid YAML: {e}") from e
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: not valid YAML: {e}") from e
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
             raise ManifestError(f"{path}: document {i} is not a Kubernetes object")

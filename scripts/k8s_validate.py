@@ -77,7 +77,7 @@ def check_containers(conts):
         probe_ports = {k: p["port"] for k, p in c.probes.items() if "port" in p}
         for kind, port in probe_ports.items():
             if not isinstance(port, int):
-                errors.append(f"{where}: {kind} port {port!r} must be a number")
+                errors.append(f"{where}: {kind} port {port!r}: give the number, so it can be checked against the flags")
             elif port not in declared:
                 errors.append(f"{where}: {kind} port {port} is not a containerPort")
         if not is_fmboost_binary(c.binary):

@@ -244,6 +244,17 @@ class ParsingTest(unittest.TestCase):
         with self.assertRaises(ManifestError):
             parse_flags(["--a=1", "--a=2"])
 
+    def test_unreadable_render_is_named(self):
+        with self.assertRaisesRegex(ManifestError, "/nonexistent.yaml: cannot read"):
+            load_documents("/nonexistent.yaml")
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write("apiVersion: v1\nkind: [unclosed\n")
+        try:
+            with self.assertRaisesRegex(ManifestError, "not valid YAML"):
+                load_documents(f.name)
+        finally:
+            os.unlink(f.name)
+
     def test_listen_port(self):
         self.assertEqual(listen_port("0.0.0.0:50051"), 50051)
         self.assertEqual(listen_port("[::]:9090"), 9090)
