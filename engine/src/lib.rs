@@ -1,1 +1,4 @@
-//! Joins models and core: model profiles and the pipeline stages (used by workers and `fmboost generate`).
+//! Joins `models` and `core`: model profiles, the pipeline stages on real models (used by the
+//! workers and by `fmboost generate`), and pixels in and out.
+
+pub mod picture;
