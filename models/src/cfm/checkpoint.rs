@@ -246,3 +246,93 @@ pub fn load_unet_file(
     let path = path.into();
     load_unet(WeightSource::File(&path), config, device, dtype)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cfm::config::tiny;
+
+    /// Random weights for every parameter of `config`, under `prefix`.
+    fn weights(config: &UNetConfig, prefix: &str) -> HashMap<String, Tensor> {
+        parameter_shapes(config)
+            .unwrap()
+            .into_iter()
+            .map(|(name, shape)| (format!("{prefix}{name}"), Tensor::randn(0f32, 0.1, shape, &Device::Cpu).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn one_error_names_missing_unexpected_and_misshapen_keys() {
+        let config = tiny(false);
+        let mut map = weights(&config, "net.");
+        map.remove("net.out.2.bias").unwrap();
+        map.insert("net.input_blocks.9.0.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        map.insert("net.time_embed.0.weight".into(), Tensor::zeros((128, 31), DType::F32, &Device::Cpu).unwrap());
+        let err = load_unet(WeightSource::Tensors(&map), &config, &Device::Cpu, DType::F32).unwrap_err();
+        let LoadError::Mismatch { ref mismatch, ref prefix, .. } = err else { panic!("{err}") };
+        assert_eq!(prefix, "net.");
+        assert_eq!(mismatch.missing, vec!["out.2.bias".to_string()]);
+        assert_eq!(mismatch.unexpected, vec!["input_blocks.9.0.weight".to_string()]);
+        assert_eq!(mismatch.wrong_shape, vec![("time_embed.0.weight".to_string(), vec![128, 32], vec![128, 31])]);
+        let message = err.to_string();
+        for part in ["1 missing: out.2.bias", "1 unexpected: input_blocks.9.0.weight", "time_embed.0.weight (expected [128, 32], found [128, 31])"] {
+            assert!(message.contains(part), "{message}");
+        }
+    }
+
+    #[test]
+    fn long_lists_are_cut_with_a_count() {
+        let config = tiny(false);
+        let err = load_unet(WeightSource::Tensors(&HashMap::new()), &config, &Device::Cpu, DType::F32).unwrap_err();
+        let total = parameter_shapes(&config).unwrap().len();
+        let message = err.to_string();
+        assert!(message.contains(&format!("{total} missing")), "{message}");
+        assert!(message.contains(&format!("(and {} more)", total - LISTED)), "{message}");
+    }
+
+    #[test]
+    fn prefers_ema_weights_and_reports_the_prefix() {
+        let config = tiny(false);
+        let mut map = weights(&config, "model.net.");
+        map.extend(weights(&config, "ema_model.ema_model.net."));
+        map.insert("ema_model.num_updates".into(), Tensor::zeros((), DType::F32, &Device::Cpu).unwrap());
+        let (_, report) = load_unet(WeightSource::Tensors(&map), &config, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(report.prefix, "ema_model.ema_model.net.");
+        assert_eq!(report.skipped_prefixes, vec!["model.net.".to_string()]);
+        assert_eq!(report.ignored_keys, report.tensors + 1);
+        assert_eq!(report.parameters, parameter_count(&config).unwrap());
+    }
+
+    #[test]
+    fn bare_and_prefixed_files_load_the_same_network() {
+        let config = tiny(true);
+        let bare = weights(&config, "");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lightning.safetensors");
+        let prefixed: HashMap<String, Tensor> = bare.iter().map(|(k, v)| (format!("model.net.{k}"), v.clone())).collect();
+        candle_core::safetensors::save(&prefixed, &path).unwrap();
+
+        let (from_map, report) = load_unet(WeightSource::Tensors(&bare), &config, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!((report.prefix.as_str(), report.ignored_keys), ("", 0));
+        let (from_file, report) = load_unet_file(&path, &config, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(report.prefix, "model.net.");
+
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0.1f32, 0.9], &Device::Cpu).unwrap();
+        let a = from_map.forward(&x, &t, Some(&x)).unwrap();
+        let b = from_file.forward(&x, &t, Some(&x)).unwrap();
+        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn unreadable_file_names_the_path() {
+        let err = load_unet_file("/nonexistent/cfm.safetensors", &tiny(false), &Device::Cpu, DType::F32).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/cfm.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn paper_config_has_306m_parameters() {
+        let n = parameter_count(&UNetConfig::paper()).unwrap();
+        assert!((305_000_000..307_000_000).contains(&n), "{n}");
+    }
+}

@@ -125,6 +125,25 @@ impl UNetConfig {
     }
 }
 
+/// A small config for unit tests: 4-channel latents, two levels, attention at rate 2.
+#[cfg(test)]
+pub(crate) fn tiny(use_linear_attn: bool) -> UNetConfig {
+    UNetConfig {
+        in_channels: 8,
+        model_channels: 32,
+        out_channels: 4,
+        num_res_blocks: 1,
+        attention_resolutions: vec![2],
+        channel_mult: vec![1, 2],
+        dim_head: 16,
+        num_heads: 2,
+        use_linear_attn,
+        use_scale_shift_norm: true,
+        conv_resample: true,
+        dropout: 0.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

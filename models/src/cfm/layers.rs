@@ -118,9 +118,11 @@ struct PointwiseConv1d {
 
 impl PointwiseConv1d {
     fn new(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Self> {
-        // `squeeze`, not `reshape`: a view, so building the shape-only plan allocates nothing.
-        let weight = vb.get((out_ch, in_ch, 1), "weight")?.squeeze(2)?;
-        let bias = vb.get(out_ch, "bias")?.unsqueeze(1)?;
+        // Same initialisation as candle's Conv1d. `squeeze`, not `reshape`: a view, so
+        // building the shape-only plan allocates nothing.
+        let weight = vb.get_with_hints((out_ch, in_ch, 1), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?.squeeze(2)?;
+        let bound = 1.0 / (in_ch as f64).sqrt();
+        let bias = vb.get_with_hints(out_ch, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?.unsqueeze(1)?;
         Ok(Self { weight, bias })
     }
 

@@ -213,3 +213,85 @@ impl CfmChain {
         Ok(ChainSample { latent: z, nfe })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cfm::config::tiny;
+    use candle_nn::{VarBuilder, VarMap};
+
+    fn hop(steps: usize, solver: Solver) -> CfmHop {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let unet = EfficientUNet::new(&tiny(false), vb).unwrap();
+        let config = HopConfig { upsample: UpsampleMode::Bilinear, solver, steps, noising_step: 400, factor: 2 };
+        CfmHop { config, unet }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn alpha_bar_table_ends_and_step_400() {
+        let table = alpha_bar_cosine();
+        assert_eq!(table.len(), 1000);
+        assert_eq!(table[0], 1.0);
+        assert!(table[999] < 1e-30);
+        assert!((table[400] - 0.653_904).abs() < 1e-6, "{}", table[400]);
+    }
+
+    #[test]
+    fn chain_lifts_twice_reports_per_hop_and_counts_nfe() {
+        let chain = CfmChain::new(vec![hop(2, Solver::Heun2), hop(3, Solver::Euler)]).unwrap();
+        let z = Tensor::randn(0f32, 1.0, (2, 4, 4, 6), &Device::Cpu).unwrap();
+        let mut seen = Vec::new();
+        let mut record = |s: HopStep| {
+            seen.push((s.hop, s.step.step, s.step.total));
+            Flow::Continue
+        };
+        let out = chain.sample(&z, &[1, 2], None, &mut record).unwrap();
+        assert_eq!(out.latent.dims(), &[2, 4, 16, 24]);
+        assert_eq!(chain.output_hw((4, 6)), (16, 24));
+        assert_eq!(out.nfe, vec![4, 3]);
+        assert_eq!(seen, vec![(0, 1, 2), (0, 2, 2), (1, 1, 3), (1, 2, 3), (1, 3, 3)]);
+    }
+
+    #[test]
+    fn a_job_gets_the_same_result_alone_or_in_a_batch() {
+        let chain = CfmChain::new(vec![hop(2, Solver::Midpoint)]).unwrap();
+        let z = Tensor::randn(0f32, 1.0, (2, 4, 4, 4), &Device::Cpu).unwrap();
+        let both = chain.sample(&z, &[7, 8], None, &mut |_| Flow::Continue).unwrap().latent;
+        let alone = chain.sample(&z.narrow(0, 1, 1).unwrap(), &[8], None, &mut |_| Flow::Continue).unwrap().latent;
+        let (a, b) = (values(&both.narrow(0, 1, 1).unwrap()), values(&alone));
+        let max = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(max < 1e-4, "{max}");
+    }
+
+    #[test]
+    fn cancelling_in_the_second_hop_stops_there() {
+        let chain = CfmChain::new(vec![hop(2, Solver::Euler), hop(4, Solver::Euler)]).unwrap();
+        let z = Tensor::randn(0f32, 1.0, (1, 4, 4, 4), &Device::Cpu).unwrap();
+        let mut stop = |s: HopStep| if s.hop == 1 && s.step.step == 1 { Flow::Stop } else { Flow::Continue };
+        let err = chain.sample(&z, &[1], None, &mut stop).unwrap_err();
+        assert!(matches!(err, RunError::Cancelled { step: 1, total: 4 }), "{err}");
+    }
+
+    #[test]
+    fn mismatched_inputs_are_named() {
+        let h = hop(1, Solver::Euler);
+        let z = Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let eps = Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = sample_hop(&h.unet, &h.config, &z, &eps, None, &mut crate::progress::ignore).unwrap_err();
+        assert!(err.to_string().contains("hop ε has shape [1, 4, 4, 4], expected [1, 4, 8, 8]"), "{err}");
+        let z16 = Tensor::zeros((1, 16, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let eps16 = Tensor::zeros((1, 16, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let err = sample_hop(&h.unet, &h.config, &z16, &eps16, None, &mut crate::progress::ignore).unwrap_err();
+        assert!(err.to_string().contains("16-channel latent needs a UNet with in_channels 32"), "{err}");
+        assert!(hop_noise(&[1, 2], 0, &[3, 4, 8, 8], &Device::Cpu).is_err());
+        let mut bad = h.config.clone();
+        bad.noising_step = 1000;
+        assert!(bad.validate().unwrap_err().contains("noising_step"));
+        assert!(CfmChain::new(vec![]).is_err());
+    }
+}

@@ -191,3 +191,79 @@ impl EfficientUNet {
         self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cfm::config::tiny;
+    use candle_nn::VarMap;
+
+    fn random_unet(config: &UNetConfig) -> (EfficientUNet, VarMap) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        (EfficientUNet::new(config, vb).unwrap(), varmap)
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn batch_items_are_independent_and_non_square_works() {
+        for linear in [false, true] {
+            let (unet, _) = random_unet(&tiny(linear));
+            let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 12), &Device::Cpu).unwrap();
+            let ctx = Tensor::randn(0f32, 1.0, (2, 4, 8, 12), &Device::Cpu).unwrap();
+            let t = Tensor::new(&[0.25f32, 0.75], &Device::Cpu).unwrap();
+            let both = unet.forward(&x, &t, Some(&ctx)).unwrap();
+            assert_eq!(both.dims(), &[2, 4, 8, 12]);
+            let second = unet.forward(&x.narrow(0, 1, 1).unwrap(), &t.narrow(0, 1, 1).unwrap(), Some(&ctx.narrow(0, 1, 1).unwrap())).unwrap();
+            let (a, b) = (values(&both.narrow(0, 1, 1).unwrap()), values(&second));
+            let max = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(max < 1e-4, "linear={linear}: batch item differs by {max}");
+        }
+    }
+
+    #[test]
+    fn without_context_it_is_a_plain_unet() {
+        let mut config = tiny(false);
+        config.in_channels = 4;
+        let (unet, _) = random_unet(&config);
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
+        assert_eq!(unet.forward(&x, &t, None).unwrap().dims(), &[1, 4, 8, 8]);
+    }
+
+    #[test]
+    fn bad_inputs_are_named() {
+        let (unet, _) = random_unet(&tiny(false));
+        let t = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
+        let x = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let err = unet.forward(&x, &t, None).unwrap_err().to_string();
+        assert!(err.contains("in_channels is 8"), "{err}");
+        let odd = Tensor::zeros((1, 4, 7, 8), DType::F32, &Device::Cpu).unwrap();
+        let err = unet.forward(&odd, &t, Some(&odd)).unwrap_err().to_string();
+        assert!(err.contains("divisible by 2"), "{err}");
+        let t3 = Tensor::new(&[0.1f32, 0.2, 0.3], &Device::Cpu).unwrap();
+        let err = unet.forward(&x, &t3, Some(&x)).unwrap_err().to_string();
+        assert!(err.contains("t has shape [3]"), "{err}");
+    }
+
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        for linear in [false, true] {
+            let (unet, varmap) = random_unet(&tiny(linear));
+            let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &Device::Cpu).unwrap();
+            let t = Tensor::new(&[0.3f32, 0.6], &Device::Cpu).unwrap();
+            let loss = unet.forward(&x, &t, Some(&x)).unwrap().sqr().unwrap().mean_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let vars = varmap.data().lock().unwrap();
+            assert_eq!(vars.len(), crate::cfm::parameter_shapes(&tiny(linear)).unwrap().len());
+            for (name, var) in vars.iter() {
+                let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+                let norm = grad.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(norm.is_finite() && norm > 0.0, "{name}: gradient norm {norm}");
+            }
+        }
+    }
+}
