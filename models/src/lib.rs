@@ -5,6 +5,7 @@
 //! - [`base`]: SD 1.5 text-to-latent (CLIP, UNet, DDIM / Euler-a / LCM).
 //! - [`golden`]: checks against the reference vectors in `shared/golden`.
 //! - [`train`]: the trainer (autoencoder, CFM hops, base generator).
+//! - [`weights`]: safetensors/config loading with one error for all missing keys.
 //! - [`rng`]: seeded noise drawn on the CPU (see "Determinism" in the architecture doc).
 
 pub mod autoencoder;
@@ -15,3 +16,4 @@ pub mod golden;
 pub mod progress;
 pub mod rng;
 pub mod train;
+pub mod weights;
