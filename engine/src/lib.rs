@@ -1,4 +1,9 @@
 //! Joins `models` and `core`: model profiles, the pipeline stages on real models (used by the
-//! workers and by `fmboost generate`), and pixels in and out.
+//! worker pools and by `fmboost generate`), and pixels in and out.
 
+pub mod executor;
+pub mod files;
+pub mod local;
 pub mod picture;
+pub mod profile;
+pub mod stack;

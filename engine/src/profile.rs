@@ -33,6 +33,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fmboost_models::cfm::UpsampleMode;
 use serde::Deserialize;
 
 /// Why a profile could not be read.
@@ -96,13 +97,13 @@ pub struct HopSpec {
     pub weights: PathBuf,
     pub config: PathBuf,
     #[serde(default = "bilinear")]
-    pub upsample: String,
+    pub upsample: UpsampleMode,
     #[serde(default = "noising_step")]
     pub noising_step: usize,
 }
 
-fn bilinear() -> String {
-    "bilinear".into()
+fn bilinear() -> UpsampleMode {
+    UpsampleMode::Bilinear
 }
 fn noising_step() -> usize {
     400
@@ -202,7 +203,7 @@ config = "hop1.json"
         }
         assert_eq!(spec.hops[0].weights, PathBuf::from("/abs/hop1.safetensors"));
         assert_eq!(spec.hops[0].config, dir.path().join("hop1.json"));
-        assert_eq!(spec.hops[0].upsample, "bilinear");
+        assert_eq!(spec.hops[0].upsample, UpsampleMode::Bilinear);
         assert_eq!(spec.hops[0].noising_step, 400);
     }
 
