@@ -23,6 +23,10 @@ fn main() -> candle_core::Result<()> {
     let latent: usize = std::env::args().nth(1).map(|s| s.parse().expect("LATENT must be a number")).unwrap_or(128);
     let dev = Device::Cpu;
     println!("threads: {}", candle_core::utils::get_num_threads());
+    // The GEMM ceiling on this machine, for scale.
+    let a = Tensor::randn(0f32, 1.0, (1024, 1024), &dev)?;
+    let ms = time("candle matmul 1024³", 3, || a.matmul(&a))?;
+    println!("{:<52} {:>9.1} GFLOP/s", "", 2.0 * 1024f64.powi(3) / 1e9 / ms * 1e3);
     for (level, ch) in [128usize, 256, 512, 1024].into_iter().enumerate() {
         let side = latent >> level;
         let x = Tensor::randn(0f32, 1.0, (1, ch, side, side), &dev)?;

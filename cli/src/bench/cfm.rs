@@ -76,7 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let t = Tensor::full(0.5f32, args.batch, &device)?;
 
-    let mut evaluate = || -> anyhow::Result<f64> {
+    let evaluate = || -> anyhow::Result<f64> {
         let start = Instant::now();
         let v = unet.forward(&x, &t, context.as_ref())?;
         device.synchronize()?;
