@@ -3,6 +3,7 @@
 //! file only dispatches.
 
 mod client;
+mod bench;
 mod golden;
 
 use std::process::ExitCode;
@@ -30,6 +31,9 @@ enum Command {
     Cancel(client::JobArgs),
     /// The cluster's status, or a job's.
     Status(client::StatusArgs),
+    /// Micro-benchmarks; each prints one JSON line.
+    #[command(subcommand)]
+    Bench(bench::Command),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Command::Result(args) => client::result(args),
         Command::Cancel(args) => client::cancel(args),
         Command::Status(args) => client::status(args),
+        Command::Bench(command) => bench::run(command),
     };
     match result {
         Ok(code) => code,

@@ -3,20 +3,21 @@
 //! same code serves sampling and training.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::config::NORM_GROUPS;
+use super::conv::Conv3x3;
+use super::norm::GroupNorm;
 
 /// GroupNorm eps of the UNet (PyTorch's default).
 const NORM_EPS: f64 = 1e-5;
 
 pub(crate) fn group_norm(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(NORM_GROUPS, channels, NORM_EPS, vb)
+    GroupNorm::new(NORM_GROUPS, channels, NORM_EPS, vb)
 }
 
-pub(crate) fn conv3x3(in_ch: usize, out_ch: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding: 1, stride, ..Default::default() };
-    candle_nn::conv2d(in_ch, out_ch, 3, cfg, vb)
+pub(crate) fn conv3x3(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Conv3x3> {
+    Conv3x3::new(in_ch, out_ch, vb)
 }
 
 /// Sinusoidal embedding of `t` (shape [B], used as it is: t ∈ [0, 1], no ×1000), cos half
@@ -63,11 +64,11 @@ impl TimeEmbed {
 #[derive(Debug, Clone)]
 pub(crate) struct ResBlock {
     in_norm: GroupNorm,
-    in_conv: Conv2d,
+    in_conv: Conv3x3,
     emb_linear: Linear,
     out_norm: GroupNorm,
-    out_conv: Conv2d,
-    skip: Option<Conv2d>,
+    out_conv: Conv3x3,
+    skip: Option<Pointwise>,
     use_scale_shift_norm: bool,
 }
 
@@ -77,14 +78,14 @@ impl ResBlock {
         let skip = if in_ch == out_ch {
             None
         } else {
-            Some(candle_nn::conv2d(in_ch, out_ch, 1, Default::default(), vb.pp("skip_connection"))?)
+            Some(Pointwise::new(in_ch, out_ch, 2, vb.pp("skip_connection"))?)
         };
         Ok(Self {
             in_norm: group_norm(in_ch, vb.pp("in_layers.0"))?,
-            in_conv: conv3x3(in_ch, out_ch, 1, vb.pp("in_layers.2"))?,
+            in_conv: conv3x3(in_ch, out_ch, vb.pp("in_layers.2"))?,
             emb_linear: candle_nn::linear(emb_dim, emb_out, vb.pp("emb_layers.1"))?,
             out_norm: group_norm(out_ch, vb.pp("out_layers.0"))?,
-            out_conv: conv3x3(out_ch, out_ch, 1, vb.pp("out_layers.3"))?,
+            out_conv: conv3x3(out_ch, out_ch, vb.pp("out_layers.3"))?,
             skip,
             use_scale_shift_norm,
         })
@@ -103,31 +104,45 @@ impl ResBlock {
         };
         let h = self.out_conv.forward(&h.silu()?)?;
         match &self.skip {
-            Some(skip) => skip.forward(x)? + h,
+            Some(skip) => skip.forward_2d(x)? + h,
             None => x + h,
         }
     }
 }
 
-/// A 1×1 `Conv1d` as a matmul: weight [out, in, 1] applied to [B, in, L].
+/// A 1×1 convolution (`Conv1d` weight [out, in, 1] or `Conv2d` weight [out, in, 1, 1]) as one
+/// matmul over all positions: [out, in] · [B, in, L].
 #[derive(Debug, Clone)]
-struct PointwiseConv1d {
+struct Pointwise {
     weight: Tensor,
     bias: Tensor,
 }
 
-impl PointwiseConv1d {
-    fn new(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Self> {
-        // Same initialisation as candle's Conv1d. `squeeze`, not `reshape`: a view, so
+impl Pointwise {
+    /// `spatial_dims` is 1 for Conv1d, 2 for Conv2d (the weight's trailing unit axes).
+    fn new(in_ch: usize, out_ch: usize, spatial_dims: usize, vb: VarBuilder) -> Result<Self> {
+        let mut shape = vec![out_ch, in_ch];
+        shape.extend(std::iter::repeat_n(1, spatial_dims));
+        // Same initialisation as candle's convolutions. `squeeze`, not `reshape`: a view, so
         // building the shape-only plan allocates nothing.
-        let weight = vb.get_with_hints((out_ch, in_ch, 1), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?.squeeze(2)?;
+        let mut weight = vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        for _ in 0..spatial_dims {
+            weight = weight.squeeze(2)?;
+        }
         let bound = 1.0 / (in_ch as f64).sqrt();
         let bias = vb.get_with_hints(out_ch, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?.unsqueeze(1)?;
         Ok(Self { weight, bias })
     }
 
+    /// x [B, in, L] → [B, out, L].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.weight.broadcast_matmul(x)?.broadcast_add(&self.bias)
+    }
+
+    /// x [B, in, H, W] → [B, out, H, W].
+    fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        self.forward(&x.reshape((b, c, h * w))?)?.reshape((b, self.bias.dim(0)?, h, w))
     }
 }
 
@@ -136,8 +151,8 @@ impl PointwiseConv1d {
 #[derive(Debug, Clone)]
 pub(crate) struct SpatialSelfAttention {
     norm: GroupNorm,
-    qkv: PointwiseConv1d,
-    proj_out: PointwiseConv1d,
+    qkv: Pointwise,
+    proj_out: Pointwise,
     heads: usize,
     dim_head: usize,
     linear: bool,
@@ -148,8 +163,8 @@ impl SpatialSelfAttention {
         let inner = heads * dim_head;
         Ok(Self {
             norm: group_norm(dim, vb.pp("norm"))?,
-            qkv: PointwiseConv1d::new(dim, 3 * inner, vb.pp("qkv"))?,
-            proj_out: PointwiseConv1d::new(inner, dim, vb.pp("proj_out"))?,
+            qkv: Pointwise::new(dim, 3 * inner, 1, vb.pp("qkv"))?,
+            proj_out: Pointwise::new(inner, dim, 1, vb.pp("proj_out"))?,
             heads,
             dim_head,
             linear,
@@ -193,7 +208,8 @@ pub(crate) enum Downsample {
 
 impl Downsample {
     pub fn new(ch: usize, use_conv: bool, vb: VarBuilder) -> Result<Self> {
-        Ok(if use_conv { Self::Conv(conv3x3(ch, ch, 2, vb.pp("op"))?) } else { Self::AvgPool })
+        let stride_2 = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
+        Ok(if use_conv { Self::Conv(candle_nn::conv2d(ch, ch, 3, stride_2, vb.pp("op"))?) } else { Self::AvgPool })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -207,12 +223,12 @@ impl Downsample {
 /// `Upsample`: nearest ×2, then optionally a 3×3 conv (`conv`).
 #[derive(Debug, Clone)]
 pub(crate) struct Upsample {
-    conv: Option<Conv2d>,
+    conv: Option<Conv3x3>,
 }
 
 impl Upsample {
     pub fn new(ch: usize, use_conv: bool, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { conv: if use_conv { Some(conv3x3(ch, ch, 1, vb.pp("conv"))?) } else { None } })
+        Ok(Self { conv: if use_conv { Some(conv3x3(ch, ch, vb.pp("conv"))?) } else { None } })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -7,8 +7,10 @@
 
 mod checkpoint;
 mod config;
+mod conv;
 mod cost;
 mod layers;
+mod norm;
 mod plan;
 mod resample;
 mod sampler;
@@ -17,8 +19,10 @@ mod unet;
 
 pub use checkpoint::{load_unet, load_unet_file, parameter_count, parameter_shapes, LoadError, LoadReport, Mismatch, WeightSource, PREFIXES};
 pub use config::{UNetConfig, NORM_GROUPS};
+pub use conv::conv3x3;
 pub use cost::flops_per_forward;
 pub use layers::timestep_embedding;
+pub use norm::group_norm;
 pub use resample::{bilinear_resize, nearest_resize, upsample, LatentCodec, UpsampleMode};
 pub use sampler::{
     alpha_bar_cosine, hop_noise, noise_augment, sample_hop, CfmChain, CfmHop, ChainSample, HopConfig, HopSample, HopStep,

@@ -1,9 +1,11 @@
 //! The paper's `EfficientUNet`: a timestep-conditioned UNet whose input is cat[x_t, context].
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::UNetConfig;
+use super::conv::Conv3x3;
+use super::norm::GroupNorm;
 use super::layers::{conv3x3, group_norm, Downsample, ResBlock, SpatialSelfAttention, TimeEmbed, Upsample};
 use super::plan::{InputBlock, Plan};
 
@@ -25,12 +27,12 @@ struct DecoderBlock {
 pub struct EfficientUNet {
     config: UNetConfig,
     time_embed: TimeEmbed,
-    stem: Conv2d,
+    stem: Conv3x3,
     encoder: Vec<EncoderBlock>,
     middle: (ResBlock, SpatialSelfAttention, ResBlock),
     decoder: Vec<DecoderBlock>,
     out_norm: GroupNorm,
-    out_conv: Conv2d,
+    out_conv: Conv3x3,
     dtype: DType,
     device: Device,
 }
@@ -48,7 +50,7 @@ impl EfficientUNet {
         };
 
         let vb_in = vb.pp("input_blocks");
-        let stem = conv3x3(config.in_channels, config.model_channels, 1, vb_in.pp("0").pp("0"))?;
+        let stem = conv3x3(config.in_channels, config.model_channels, vb_in.pp("0").pp("0"))?;
         let mut encoder = Vec::with_capacity(plan.input.len());
         for (i, block) in plan.input.iter().enumerate() {
             let vb = vb_in.pp(i + 1);
@@ -101,10 +103,25 @@ impl EfficientUNet {
             middle,
             decoder,
             out_norm: group_norm(config.model_channels, vb.pp("out.0"))?,
-            out_conv: conv3x3(config.model_channels, config.out_channels, 1, vb.pp("out.2"))?,
+            out_conv: conv3x3(config.model_channels, config.out_channels, vb.pp("out.2"))?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
+    }
+
+    /// A network with freshly initialised weights (candle's default initialisers), detached
+    /// from any autograd graph: for benchmarks and tests, not for training (use a `VarMap`).
+    pub fn random(config: &UNetConfig, device: &Device, dtype: DType) -> Result<Self> {
+        let varmap = candle_nn::VarMap::new();
+        Self::new(config, VarBuilder::from_varmap(&varmap, dtype, device))?;
+        let weights = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+            .collect();
+        Self::new(config, VarBuilder::from_tensors(weights, dtype, device))
     }
 
     pub fn config(&self) -> &UNetConfig {
