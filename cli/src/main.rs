@@ -2,6 +2,7 @@
 //! trainer, the golden checks and the benchmarks. Each command lives in its own module; this
 //! file only dispatches.
 
+mod bench;
 mod golden;
 
 use std::process::ExitCode;
@@ -19,12 +20,16 @@ struct Cli {
 enum Command {
     /// Run reference-vector files (shared/golden format) and compare against our models.
     CheckGolden(golden::Args),
+    /// Micro-benchmarks; each prints one JSON line.
+    #[command(subcommand)]
+    Bench(bench::Command),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckGolden(args) => golden::run(args),
+        Command::Bench(command) => bench::run(command),
     };
     match result {
         Ok(code) => code,
