@@ -9,10 +9,11 @@ use fmboost_proto::v1 as pb;
 use crate::stage::{StageKind, StageRef};
 use crate::tensor::{DType, TensorError, WireTensor};
 
-/// Base-model schedulers the engine implements.
-pub const SCHEDULERS: &[&str] = &["ddim", "euler_a", "lcm"];
-/// Fixed-step ODE solvers for the CFM hops.
-pub const SOLVERS: &[&str] = &["euler", "midpoint", "heun", "rk4"];
+/// Base-model schedulers the engine implements: DDIM, Euler ancestral and LCM for Stable
+/// Diffusion bases; `euler` (the flow ODE) for flow-matching bases such as `tiny`'s.
+pub const SCHEDULERS: &[&str] = &["ddim", "euler_a", "lcm", "euler"];
+/// Fixed-step ODE solvers for the CFM hops (torchdiffeq's names; `rk4` is the 3/8 rule).
+pub const SOLVERS: &[&str] = &["euler", "midpoint", "heun2", "rk4"];
 
 /// Bounds on what a job may ask for. Sizes in pixels are of the decoded image.
 #[derive(Debug, Clone)]
