@@ -176,9 +176,20 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self) {
+        let (proc, _) = self.spawn_coordinator(self.addr);
+        self.coordinator = Some(proc);
+    }
+
+    /// Starts another coordinator replica on a new port; returns it and its address.
+    pub fn start_replica(&mut self) -> (Proc, SocketAddr) {
+        self.spawn_coordinator(SocketAddr::from(([127, 0, 0, 1], free_port())))
+    }
+
+    fn spawn_coordinator(&mut self, addr: SocketAddr) -> (Proc, SocketAddr) {
+        let metrics_addr = if addr == self.addr { self.metrics_addr } else { SocketAddr::from(([127, 0, 0, 1], free_port())) };
         let mut args = vec![
             "--listen".into(),
-            self.addr.to_string(),
+            addr.to_string(),
             "--redis".into(),
             self.redis_url.clone(),
             "--namespace".into(),
@@ -190,7 +201,7 @@ impl Cluster {
             "--max-upload-bytes".into(),
             self.options.max_upload_bytes.to_string(),
             "--metrics-listen".into(),
-            self.metrics_addr.to_string(),
+            metrics_addr.to_string(),
             "--event-claim-idle-ms".into(),
             "1000".into(),
         ];
@@ -202,8 +213,8 @@ impl Cluster {
         self.spawned += 1;
         let name = format!("coordinator-{}", self.spawned);
         let proc = Proc::spawn(&name, &binary("fmboost-coordinator"), &args, self.dir.path());
-        wait_for_port(self.addr, "the coordinator");
-        self.coordinator = Some(proc);
+        wait_for_port(addr, "the coordinator");
+        (proc, addr)
     }
 
     /// Starts a worker of `stage`; returns its index in `workers`.
