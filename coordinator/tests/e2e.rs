@@ -203,3 +203,28 @@ async fn image_source_is_encoded_lifted_and_decoded() {
     // 40x24 px → 5x3 latent → one hop → 10x6 → 80x48 px.
     assert_eq!(png_size(&result(&cluster, &mut client, &job, false).await.0), (80, 48));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_serve_health_and_metrics() {
+    let mut cluster = Cluster::start(Options { workers: [1, 0, 1], ..Options::default() });
+    let (health_addr, metrics_addr) = (cluster::free_addr(), cluster::free_addr());
+    let flags = ["--health-listen".to_string(), health_addr.to_string(), "--metrics-listen".into(), metrics_addr.to_string()];
+    cluster.start_worker_with("cfm", &flags);
+    cluster.wait_for_workers([1, 1, 1]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{health_addr}")).unwrap().connect().await.expect("worker health port");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status;
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let mut client = cluster.client().await;
+    let job = submit(&cluster, &mut client, text_spec(4, 2, 2, 3)).await;
+    assert!(matches!(terminal(&watch_to_end(&cluster, &mut client, &job).await), pb::job_event::Event::Completed(_)));
+    let metrics = cluster::http_get_metrics(metrics_addr).await;
+    for name in [
+        "fmboost_worker_tasks_total{outcome=\"done\",stage=\"cfm\"} 2",
+        "fmboost_worker_service_seconds_count{stage=\"cfm\"} 2",
+        "fmboost_worker_queue_wait_seconds_bucket{stage=\"cfm\"",
+        "fmboost_worker_batch_size_count{stage=\"cfm\"} 2",
+    ] {
+        assert!(metrics.contains(name), "worker /metrics lacks {name}:\n{metrics}");
+    }
+}
