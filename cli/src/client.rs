@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+
+use crate::job_args::JobSpecArgs;
 use fmboost_core::tensor::WireTensor;
 use fmboost_proto::v1 as pb;
 use fmboost_proto::v1::pipeline_client::PipelineClient;
@@ -32,52 +34,8 @@ pub struct Connection {
 pub struct SubmitArgs {
     #[command(flatten)]
     connection: Connection,
-    /// Text prompt (the default source).
-    #[arg(long, default_value = "", conflicts_with_all = ["latent", "image"])]
-    prompt: String,
-    #[arg(long, default_value = "", conflicts_with_all = ["latent", "image"])]
-    negative_prompt: String,
-    /// Start the CFM chain from a latent: a file holding a protobuf `fmboost.v1.Tensor`
-    /// (as written by `fmboost result --latent-out`).
-    #[arg(long, conflicts_with = "image")]
-    latent: Option<PathBuf>,
-    /// Super-resolve a PNG or JPEG image: encode, CFM hops, decode.
-    #[arg(long)]
-    image: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Base image width in pixels (text prompts; default 512).
-    #[arg(long)]
-    width: Option<u32>,
-    /// Base image height in pixels (text prompts; default 512).
-    #[arg(long)]
-    height: Option<u32>,
-    /// Base diffusion steps (text prompts; default 25).
-    #[arg(long)]
-    steps: Option<u32>,
-    /// Base scheduler: ddim, euler_a or lcm (text prompts; default ddim).
-    #[arg(long)]
-    scheduler: Option<String>,
-    /// Classifier-free guidance scale (text prompts; default 7.5).
-    #[arg(long)]
-    guidance: Option<f32>,
-    /// CFM hops, each 2× the latent size.
-    #[arg(long, default_value_t = 2)]
-    hops: u32,
-    /// CFM ODE solver: euler, midpoint, heun2 or rk4 (default euler; needs --hops > 0).
-    #[arg(long)]
-    cfm_solver: Option<String>,
-    /// CFM solver steps (default 40; needs --hops > 0).
-    #[arg(long)]
-    cfm_steps: Option<u32>,
-    /// Decoder tile size in latent pixels; 0 decodes in one piece.
-    #[arg(long, default_value_t = 0)]
-    tile: u32,
-    #[arg(long, default_value_t = 0)]
-    tile_overlap: u32,
-    /// Model profile the cluster serves.
-    #[arg(long, default_value = "tiny")]
-    profile: String,
+    #[command(flatten)]
+    job: JobSpecArgs,
     #[arg(long, value_enum, default_value_t = PriorityArg::Normal)]
     priority: PriorityArg,
     /// Fail the job if it has not finished starting its stages within this many seconds.
@@ -174,68 +132,17 @@ fn status_error(what: &str, status: tonic::Status) -> anyhow::Error {
 
 impl SubmitArgs {
     fn spec(&self) -> anyhow::Result<pb::JobSpec> {
-        use pb::job_spec::Source;
-        let text_only = [
-            ("--width", self.width.is_some()),
-            ("--height", self.height.is_some()),
-            ("--steps", self.steps.is_some()),
-            ("--scheduler", self.scheduler.is_some()),
-            ("--guidance", self.guidance.is_some()),
-        ];
-        let (source, base) = if let Some(path) = &self.latent {
-            reject_flags(&text_only, "--latent")?;
-            let bytes = std::fs::read(path).with_context(|| format!("--latent {}", path.display()))?;
-            let tensor = pb::Tensor::decode(bytes.as_slice()).with_context(|| format!("--latent {}: not a protobuf Tensor", path.display()))?;
-            (Source::Latent(tensor), None)
-        } else if let Some(path) = &self.image {
-            reject_flags(&text_only, "--image")?;
-            let data = std::fs::read(path).with_context(|| format!("--image {}", path.display()))?;
-            (Source::Image(pb::ImageSource { data }), None)
-        } else {
-            let text = pb::TextSource { prompt: self.prompt.clone(), negative_prompt: self.negative_prompt.clone() };
-            let base = pb::BaseSettings {
-                width: self.width.unwrap_or(512),
-                height: self.height.unwrap_or(512),
-                steps: self.steps.unwrap_or(25),
-                scheduler: self.scheduler.clone().unwrap_or_else(|| "ddim".into()),
-                guidance: self.guidance.unwrap_or(7.5),
-            };
-            (Source::Text(text), Some(base))
-        };
-        let cfm = if self.hops == 0 {
-            reject_flags(&[("--cfm-solver", self.cfm_solver.is_some()), ("--cfm-steps", self.cfm_steps.is_some())], "--hops 0")?;
-            pb::CfmSettings::default()
-        } else {
-            pb::CfmSettings {
-                hops: self.hops,
-                solver: self.cfm_solver.clone().unwrap_or_else(|| "euler".into()),
-                steps: self.cfm_steps.unwrap_or(40),
-            }
-        };
         let priority = match self.priority {
             PriorityArg::Low => pb::Priority::Low,
             PriorityArg::Normal => pb::Priority::Normal,
             PriorityArg::High => pb::Priority::High,
         };
-        let deadline_unix_ms = self.deadline_secs.map_or(0, |secs| fmboost_core::now_unix_ms() + secs * 1000);
         Ok(pb::JobSpec {
-            source: Some(source),
-            seed: self.seed,
-            base,
-            cfm: Some(cfm),
-            decode: Some(pb::DecodeSettings { tile: self.tile, overlap: self.tile_overlap }),
-            profile: self.profile.clone(),
             priority: priority as i32,
-            deadline_unix_ms,
+            deadline_unix_ms: self.deadline_secs.map_or(0, |secs| fmboost_core::now_unix_ms() + secs * 1000),
             idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
+            ..self.job.to_proto()?
         })
-    }
-}
-
-fn reject_flags(flags: &[(&str, bool)], context: &str) -> anyhow::Result<()> {
-    match flags.iter().find(|(_, given)| *given) {
-        Some((flag, _)) => bail!("{flag} does not apply with {context}"),
-        None => Ok(()),
     }
 }
 

@@ -5,6 +5,8 @@
 mod client;
 mod bench;
 mod golden;
+mod job_args;
+mod local;
 
 use std::process::ExitCode;
 
@@ -21,6 +23,10 @@ struct Cli {
 enum Command {
     /// Run reference-vector files (shared/golden format) and compare against our models.
     CheckGolden(golden::Args),
+    /// Run a job in this process (no Redis, no network) on the embedded `tiny` profile by default.
+    Generate(local::GenerateArgs),
+    /// Upscale an image 2× or 4× in this process: encode, CFM hops, decode.
+    Upscale(local::UpscaleArgs),
     /// Submit a job to the cluster (optionally following it and downloading the PNG).
     Submit(client::SubmitArgs),
     /// Follow a job's progress until it finishes.
@@ -40,6 +46,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckGolden(args) => golden::run(args),
+        Command::Generate(args) => local::generate(args),
+        Command::Upscale(args) => local::upscale(args),
         Command::Submit(args) => client::submit(args),
         Command::Watch(args) => client::watch(args),
         Command::Result(args) => client::result(args),

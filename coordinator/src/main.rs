@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::Parser;
 use fmboost_core::keys::{Keys, COORDINATOR_GROUP, WORKER_GROUP};
 use fmboost_core::redis_conn;
+use fmboost_core::profile::ProfileInfo;
 use fmboost_core::spec::Limits;
 use fmboost_core::stage::StageKind;
 use fmboost_proto::v1::pipeline_server::PipelineServer;
@@ -39,7 +40,8 @@ struct Flags {
     /// Jobs admitted and unfinished before Submit answers RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     max_queued: u64,
-    /// Model profiles jobs may name (comma-separated); workers must serve them.
+    /// Model profiles jobs may name (comma-separated): `tiny`, `sleep` or a profile TOML file
+    /// (its `name` and `[defaults]` are read). Workers must serve them.
     #[arg(long, env = "FMBOOST_PROFILES", default_value = "tiny", value_delimiter = ',')]
     profiles: Vec<String>,
     /// Largest uploaded latent or image, in bytes.
@@ -103,7 +105,12 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let events = tokio::spawn(machine.run(redis_conn::blocking(&client).await?, stop.clone()));
     tokio::spawn(refresh_gauges(store.clone(), metrics.clone()));
 
-    let limits = Arc::new(Limits::new(flags.profiles.clone(), flags.max_upload_bytes));
+    let profiles = flags
+        .profiles
+        .iter()
+        .map(|p| ProfileInfo::resolve(p).map_err(|e| anyhow::anyhow!("--profiles: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let limits = Arc::new(Limits::new(profiles, flags.max_upload_bytes));
     let service = server::PipelineService {
         store,
         hub: watch::WatchHub::start(client.clone(), flags.namespace.clone()),

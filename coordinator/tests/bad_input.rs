@@ -29,14 +29,14 @@ async fn bad_input_gets_a_clear_status_and_harms_nothing() {
     };
     type Mutation = Box<dyn Fn(&mut pb::JobSpec)>;
     let cases: Vec<(&str, Mutation, &str)> = vec![
-        ("size not divisible by 8", Box::new(|s| s.base.as_mut().unwrap().width = 100), "base.width"),
-        ("zero steps", Box::new(|s| s.base.as_mut().unwrap().steps = 0), "base.steps"),
-        ("absurd steps", Box::new(|s| s.base.as_mut().unwrap().steps = 1_000_000), "base.steps"),
-        ("zero cfm steps", Box::new(|s| s.cfm.as_mut().unwrap().steps = 0), "cfm.steps"),
-        ("too many hops", Box::new(|s| s.cfm.as_mut().unwrap().hops = 9), "cfm.hops"),
+        ("size not divisible by 8", Box::new(|s| s.base.as_mut().unwrap().width = Some(100)), "base.width"),
+        ("zero steps", Box::new(|s| s.base.as_mut().unwrap().steps = Some(0)), "base.steps"),
+        ("absurd steps", Box::new(|s| s.base.as_mut().unwrap().steps = Some(1_000_000)), "base.steps"),
+        ("zero cfm steps", Box::new(|s| s.cfm.as_mut().unwrap().steps = Some(0)), "cfm.steps"),
+        ("too many hops", Box::new(|s| s.cfm.as_mut().unwrap().hops = Some(9)), "cfm.hops"),
         ("unknown profile", Box::new(|s| s.profile = "sd99".into()), "profile"),
-        ("unknown solver", Box::new(|s| s.cfm.as_mut().unwrap().solver = "leapfrog".into()), "cfm.solver"),
-        ("NaN guidance", Box::new(|s| s.base.as_mut().unwrap().guidance = f32::NAN), "base.guidance"),
+        ("unknown solver", Box::new(|s| s.cfm.as_mut().unwrap().solver = Some("leapfrog".into())), "cfm.solver"),
+        ("NaN guidance", Box::new(|s| s.base.as_mut().unwrap().guidance = Some(f32::NAN)), "base.guidance"),
         ("no source", Box::new(|s| s.source = None), "source"),
         ("deadline in the past", Box::new(|s| s.deadline_unix_ms = 1), "deadline_unix_ms"),
     ];

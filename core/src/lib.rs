@@ -4,6 +4,7 @@
 
 pub mod keys;
 pub mod metrics;
+pub mod profile;
 pub mod redis_conn;
 pub mod sleep;
 pub mod spec;

@@ -6,6 +6,7 @@
 
 use fmboost_proto::v1 as pb;
 
+use crate::profile::{JobDefaults, ProfileInfo};
 use crate::stage::{StageKind, StageRef};
 use crate::tensor::{DType, TensorError, WireTensor};
 
@@ -18,7 +19,8 @@ pub const SOLVERS: &[&str] = &["euler", "midpoint", "heun2", "rk4"];
 /// Bounds on what a job may ask for. Sizes in pixels are of the decoded image.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    pub profiles: Vec<String>,
+    /// The profiles jobs may name, with the defaults each fills in.
+    pub profiles: Vec<ProfileInfo>,
     pub max_base_side: u32,
     pub max_output_side: u64,
     pub max_steps: u32,
@@ -29,7 +31,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn new(profiles: Vec<String>, max_upload_bytes: usize) -> Self {
+    pub fn new(profiles: Vec<ProfileInfo>, max_upload_bytes: usize) -> Self {
         Limits {
             profiles,
             max_base_side: 2048,
@@ -174,13 +176,16 @@ impl JobSpec {
             source: Some(source),
             seed: self.seed,
             base: self.base.as_ref().map(|b| pb::BaseSettings {
-                width: b.width,
-                height: b.height,
-                steps: b.steps,
-                scheduler: b.scheduler.clone(),
-                guidance: b.guidance,
+                width: Some(b.width),
+                height: Some(b.height),
+                steps: Some(b.steps),
+                scheduler: Some(b.scheduler.clone()),
+                guidance: Some(b.guidance),
             }),
-            cfm: Some(pb::CfmSettings { hops: self.cfm.hops, solver: self.cfm.solver.clone(), steps: self.cfm.steps }),
+            cfm: Some(match self.cfm.hops {
+                0 => pb::CfmSettings { hops: Some(0), solver: None, steps: None },
+                hops => pb::CfmSettings { hops: Some(hops), solver: Some(self.cfm.solver.clone()), steps: Some(self.cfm.steps) },
+            }),
             decode: Some(pb::DecodeSettings { tile: self.decode.tile, overlap: self.decode.overlap }),
             profile: self.profile.clone(),
             priority: self.priority.to_proto() as i32,
@@ -251,22 +256,25 @@ fn parse(spec: pb::JobSpec, limits: Option<&Limits>) -> Result<(JobSpec, Option<
     if spec.profile.is_empty() {
         return Err(invalid("profile", "required"));
     }
+    let mut defaults = None;
     if let Some(limits) = limits {
-        if !limits.profiles.contains(&spec.profile) {
-            return Err(invalid("profile", format!("unknown profile {:?} (served: {})", spec.profile, limits.profiles.join(", "))));
-        }
+        let Some(profile) = limits.profiles.iter().find(|p| p.name == spec.profile) else {
+            let served: Vec<&str> = limits.profiles.iter().map(|p| p.name.as_str()).collect();
+            return Err(invalid("profile", format!("unknown profile {:?} (served: {})", spec.profile, served.join(", "))));
+        };
+        defaults = Some(&profile.defaults);
         if spec.idempotency_key.len() > 200 {
             return Err(invalid("idempotency_key", "longer than 200 bytes"));
         }
     }
     let (source, upload) = parse_source(spec.source, limits)?;
     let base = match (&source, spec.base) {
-        (Source::Text { .. }, Some(base)) => Some(parse_base(base, limits)?),
-        (Source::Text { .. }, None) => return Err(invalid("base", "required for a text source")),
+        (Source::Text { .. }, Some(base)) => Some(parse_base(base, limits, defaults)?),
+        (Source::Text { .. }, None) => Some(parse_base(pb::BaseSettings::default(), limits, defaults)?),
         (_, Some(_)) => return Err(invalid("base", "only valid with a text source")),
         (_, None) => None,
     };
-    let cfm = parse_cfm(spec.cfm.unwrap_or_default(), limits)?;
+    let cfm = parse_cfm(spec.cfm, limits, defaults)?;
     let job = JobSpec {
         source,
         seed: spec.seed,
@@ -381,38 +389,49 @@ fn check_steps(field: &str, steps: u32, max: u32) -> Result<(), ValidationError>
     Ok(())
 }
 
-fn parse_base(base: pb::BaseSettings, limits: Option<&Limits>) -> Result<BaseSettings, ValidationError> {
+fn parse_base(base: pb::BaseSettings, limits: Option<&Limits>, defaults: Option<&JobDefaults>) -> Result<BaseSettings, ValidationError> {
+    let pick = |field: &str, value: Option<u32>, default: Option<u32>| value.or(default).ok_or_else(|| invalid(field, "required"));
+    let width = pick("base.width", base.width, defaults.map(|d| d.width))?;
+    let height = pick("base.height", base.height, defaults.map(|d| d.height))?;
+    let steps = pick("base.steps", base.steps, defaults.map(|d| d.steps))?;
+    let scheduler =
+        base.scheduler.or_else(|| defaults.map(|d| d.scheduler.clone())).ok_or_else(|| invalid("base.scheduler", "required"))?;
+    let guidance = base.guidance.or(defaults.map(|d| d.guidance)).ok_or_else(|| invalid("base.guidance", "required"))?;
     if let Some(limits) = limits {
-        check_side("base", "width", base.width, limits.max_base_side)?;
-        check_side("base", "height", base.height, limits.max_base_side)?;
-        check_steps("base.steps", base.steps, limits.max_steps)?;
-        if !base.guidance.is_finite() || base.guidance < 0.0 || base.guidance > limits.max_guidance {
-            return Err(invalid("base.guidance", format!("must be in 0..={}, got {}", limits.max_guidance, base.guidance)));
+        check_side("base", "width", width, limits.max_base_side)?;
+        check_side("base", "height", height, limits.max_base_side)?;
+        check_steps("base.steps", steps, limits.max_steps)?;
+        if !guidance.is_finite() || guidance < 0.0 || guidance > limits.max_guidance {
+            return Err(invalid("base.guidance", format!("must be in 0..={}, got {}", limits.max_guidance, guidance)));
         }
     }
-    if !SCHEDULERS.contains(&base.scheduler.as_str()) {
-        return Err(invalid("base.scheduler", format!("unknown scheduler {:?} (known: {})", base.scheduler, SCHEDULERS.join(", "))));
+    if !SCHEDULERS.contains(&scheduler.as_str()) {
+        return Err(invalid("base.scheduler", format!("unknown scheduler {:?} (known: {})", scheduler, SCHEDULERS.join(", "))));
     }
-    Ok(BaseSettings { width: base.width, height: base.height, steps: base.steps, scheduler: base.scheduler, guidance: base.guidance })
+    Ok(BaseSettings { width, height, steps, scheduler, guidance })
 }
 
-fn parse_cfm(cfm: pb::CfmSettings, limits: Option<&Limits>) -> Result<CfmSettings, ValidationError> {
-    if cfm.hops == 0 {
-        if cfm.steps != 0 || !cfm.solver.is_empty() {
+fn parse_cfm(cfm: Option<pb::CfmSettings>, limits: Option<&Limits>, defaults: Option<&JobDefaults>) -> Result<CfmSettings, ValidationError> {
+    let cfm = cfm.unwrap_or_default();
+    let hops = cfm.hops.or(defaults.map(|d| d.hops)).ok_or_else(|| invalid("cfm.hops", "required"))?;
+    if hops == 0 {
+        if cfm.steps.is_some() || cfm.solver.is_some() {
             return Err(invalid("cfm", "solver and steps must be unset when hops is 0"));
         }
         return Ok(CfmSettings { hops: 0, solver: String::new(), steps: 0 });
     }
+    let solver = cfm.solver.or_else(|| defaults.map(|d| d.cfm_solver.clone())).ok_or_else(|| invalid("cfm.solver", "required"))?;
+    let steps = cfm.steps.or(defaults.map(|d| d.cfm_steps)).ok_or_else(|| invalid("cfm.steps", "required"))?;
     if let Some(limits) = limits {
-        if cfm.hops > limits.max_hops {
-            return Err(invalid("cfm.hops", format!("must be in 0..={}, got {}", limits.max_hops, cfm.hops)));
+        if hops > limits.max_hops {
+            return Err(invalid("cfm.hops", format!("must be in 0..={}, got {}", limits.max_hops, hops)));
         }
-        check_steps("cfm.steps", cfm.steps, limits.max_steps)?;
+        check_steps("cfm.steps", steps, limits.max_steps)?;
     }
-    if !SOLVERS.contains(&cfm.solver.as_str()) {
-        return Err(invalid("cfm.solver", format!("unknown solver {:?} (known: {})", cfm.solver, SOLVERS.join(", "))));
+    if !SOLVERS.contains(&solver.as_str()) {
+        return Err(invalid("cfm.solver", format!("unknown solver {:?} (known: {})", solver, SOLVERS.join(", "))));
     }
-    Ok(CfmSettings { hops: cfm.hops, solver: cfm.solver, steps: cfm.steps })
+    Ok(CfmSettings { hops, solver, steps })
 }
 
 fn parse_decode(decode: pb::DecodeSettings, job: &JobSpec) -> Result<DecodeSettings, ValidationError> {

@@ -1,17 +1,18 @@
 use super::*;
+use crate::profile::ProfileInfo;
 
 fn limits() -> Limits {
-    Limits::new(vec!["tiny".into(), "sleep".into()], 1 << 16)
+    Limits::new(vec![ProfileInfo::resolve("tiny").unwrap(), ProfileInfo::resolve("sleep").unwrap()], 1 << 16)
 }
 
 fn text(width: u32, height: u32, hops: u32) -> pb::JobSpec {
     pb::JobSpec {
         source: Some(pb::job_spec::Source::Text(pb::TextSource { prompt: "a cat".into(), negative_prompt: String::new() })),
         seed: 7,
-        base: Some(pb::BaseSettings { width, height, steps: 20, scheduler: "ddim".into(), guidance: 7.5 }),
-        cfm: Some(if hops == 0 { pb::CfmSettings::default() } else { pb::CfmSettings { hops, solver: "euler".into(), steps: 40 } }),
+        base: Some(pb::BaseSettings { width: Some(width), height: Some(height), steps: Some(20), scheduler: Some("ddim".into()), guidance: Some(7.5) }),
+        cfm: Some(if hops == 0 { pb::CfmSettings { hops: Some(0), ..Default::default() } } else { pb::CfmSettings { hops: Some(hops), solver: Some("euler".into()), steps: Some(40) } }),
         decode: Some(pb::DecodeSettings::default()),
-        profile: "tiny".into(),
+        profile: "sleep".into(),
         priority: 0,
         deadline_unix_ms: 0,
         idempotency_key: String::new(),
@@ -88,17 +89,16 @@ fn errors_name_the_field() {
         f(&mut spec);
         field_of(spec)
     };
-    assert_eq!(with(&|s| s.base.as_mut().unwrap().steps = 0), "base.steps");
-    assert_eq!(with(&|s| s.base.as_mut().unwrap().steps = 5000), "base.steps");
-    assert_eq!(with(&|s| s.base.as_mut().unwrap().scheduler = "plms".into()), "base.scheduler");
-    assert_eq!(with(&|s| s.base.as_mut().unwrap().guidance = f32::INFINITY), "base.guidance");
-    assert_eq!(with(&|s| s.cfm.as_mut().unwrap().steps = 0), "cfm.steps");
-    assert_eq!(with(&|s| s.cfm.as_mut().unwrap().hops = 5), "cfm.hops");
-    assert_eq!(with(&|s| s.cfm = Some(pb::CfmSettings { hops: 0, solver: String::new(), steps: 3 })), "cfm");
+    assert_eq!(with(&|s| s.base.as_mut().unwrap().steps = Some(0)), "base.steps");
+    assert_eq!(with(&|s| s.base.as_mut().unwrap().steps = Some(5000)), "base.steps");
+    assert_eq!(with(&|s| s.base.as_mut().unwrap().scheduler = Some("plms".into())), "base.scheduler");
+    assert_eq!(with(&|s| s.base.as_mut().unwrap().guidance = Some(f32::INFINITY)), "base.guidance");
+    assert_eq!(with(&|s| s.cfm.as_mut().unwrap().steps = Some(0)), "cfm.steps");
+    assert_eq!(with(&|s| s.cfm.as_mut().unwrap().hops = Some(5)), "cfm.hops");
+    assert_eq!(with(&|s| s.cfm = Some(pb::CfmSettings { hops: Some(0), solver: None, steps: Some(3) })), "cfm");
     assert_eq!(with(&|s| s.profile = "sd15".into()), "profile");
     assert_eq!(with(&|s| s.profile = String::new()), "profile");
     assert_eq!(with(&|s| s.priority = 42), "priority");
-    assert_eq!(with(&|s| s.base = None), "base");
     assert_eq!(with(&|s| s.source = None), "source");
     assert_eq!(with(&|s| s.decode = Some(pb::DecodeSettings { tile: 0, overlap: 2 })), "decode.overlap");
     assert_eq!(with(&|s| s.decode = Some(pb::DecodeSettings { tile: 4, overlap: 0 })), "decode.tile");
@@ -106,7 +106,7 @@ fn errors_name_the_field() {
     assert_eq!(with(&|s| s.deadline_unix_ms = 999), "deadline_unix_ms");
     // 2048 px base with 3 hops would decode to 16384 px a side.
     let mut big = text(2048, 2048, 3);
-    big.cfm.as_mut().unwrap().hops = 3;
+    big.cfm.as_mut().unwrap().hops = Some(3);
     assert_eq!(field_of(big), "cfm.hops");
 }
 

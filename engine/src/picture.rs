@@ -89,6 +89,37 @@ pub fn rgb8_to_tensor(image: &Rgb8, device: &Device) -> candle_core::Result<Tens
         .to_device(device)
 }
 
+/// Pads `image` on the right and bottom to multiples of `multiple` by repeating the last
+/// column and row (no new content at the border for the encoder to invent around).
+pub fn pad_to_multiple(image: &Rgb8, multiple: u32) -> Rgb8 {
+    let width = image.width.div_ceil(multiple) * multiple;
+    let height = image.height.div_ceil(multiple) * multiple;
+    if (width, height) == (image.width, image.height) {
+        return image.clone();
+    }
+    let mut data = Vec::with_capacity((width * height * 3) as usize);
+    for y in 0..height {
+        let sy = y.min(image.height - 1);
+        for x in 0..width {
+            let sx = x.min(image.width - 1);
+            let at = ((sy * image.width + sx) * 3) as usize;
+            data.extend_from_slice(&image.data[at..at + 3]);
+        }
+    }
+    Rgb8 { width, height, data }
+}
+
+/// The top-left `width`×`height` of `image` (which must be at least that large).
+pub fn crop_rgb8(image: &Rgb8, width: u32, height: u32) -> Rgb8 {
+    assert!(width <= image.width && height <= image.height, "crop {width}x{height} of {}x{}", image.width, image.height);
+    let mut data = Vec::with_capacity((width * height * 3) as usize);
+    for y in 0..height {
+        let at = (y * image.width * 3) as usize;
+        data.extend_from_slice(&image.data[at..at + (width * 3) as usize]);
+    }
+    Rgb8 { width, height, data }
+}
+
 /// Encodes `image` as PNG with the parameters in a `parameters` tEXt chunk. Deterministic:
 /// the same pixels and parameters give the same bytes.
 pub fn encode_png(image: &Rgb8, parameters: &GenerationParameters) -> Result<Vec<u8>, png::EncodingError> {
@@ -159,6 +190,18 @@ mod tests {
         let info = reader.next_frame(&mut buf).unwrap();
         assert_eq!((info.width, info.height), (3, 2));
         assert_eq!(&buf[..info.buffer_size()], &image.data[..]);
+    }
+
+    #[test]
+    fn padding_repeats_the_border_and_crop_undoes_it() {
+        let image = Rgb8 { width: 3, height: 2, data: (0..18).collect() };
+        let padded = pad_to_multiple(&image, 4);
+        assert_eq!((padded.width, padded.height), (4, 4));
+        // Row 0: pixels 0,1,2 then pixel 2 again; rows 2 and 3 repeat row 1.
+        assert_eq!(&padded.data[..12], &[0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8]);
+        assert_eq!(&padded.data[24..36], &padded.data[12..24]);
+        assert_eq!(crop_rgb8(&padded, 3, 2), image);
+        assert_eq!(pad_to_multiple(&image, 1), image);
     }
 
     #[test]

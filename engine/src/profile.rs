@@ -33,6 +33,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fmboost_core::profile::JobDefaults;
 use fmboost_models::cfm::UpsampleMode;
 use serde::Deserialize;
 
@@ -118,6 +119,9 @@ pub struct ProfileSpec {
     pub autoencoder: AutoencoderSpec,
     #[serde(default)]
     pub hops: Vec<HopSpec>,
+    /// Job settings for fields a client leaves unset (read by the coordinator too).
+    #[serde(default)]
+    pub defaults: JobDefaults,
 }
 
 impl ProfileSpec {

@@ -22,8 +22,8 @@ fn tiny_spec(seed: u64) -> pb::JobSpec {
     pb::JobSpec {
         source: Some(pb::job_spec::Source::Text(pb::TextSource { prompt: String::new(), negative_prompt: String::new() })),
         seed,
-        base: Some(pb::BaseSettings { width: 64, height: 64, steps: 4, scheduler: "euler".into(), guidance: 1.0 }),
-        cfm: Some(pb::CfmSettings { hops: 2, solver: "euler".into(), steps: 3 }),
+        base: Some(pb::BaseSettings { steps: Some(4), ..Default::default() }),
+        cfm: Some(pb::CfmSettings { steps: Some(3), ..Default::default() }),
         decode: Some(pb::DecodeSettings { tile: 0, overlap: 0 }),
         profile: TINY.into(),
         ..Default::default()
@@ -31,7 +31,7 @@ fn tiny_spec(seed: u64) -> pb::JobSpec {
 }
 
 fn limits() -> Limits {
-    Limits::new(vec![TINY.into()], 1 << 20)
+    Limits::new(vec![fmboost_core::profile::ProfileInfo::resolve(TINY).unwrap()], 1 << 20)
 }
 
 #[test]

@@ -346,11 +346,11 @@ pub fn text_spec(seed: u64, steps: u32, hops: u32, cfm_steps: u32) -> pb::JobSpe
     pb::JobSpec {
         source: Some(pb::job_spec::Source::Text(pb::TextSource { prompt: "a lighthouse".into(), negative_prompt: String::new() })),
         seed,
-        base: Some(pb::BaseSettings { width: 64, height: 64, steps, scheduler: "ddim".into(), guidance: 7.5 }),
+        base: Some(pb::BaseSettings { width: Some(64), height: Some(64), steps: Some(steps), scheduler: Some("ddim".into()), guidance: Some(7.5) }),
         cfm: Some(if hops == 0 {
-            pb::CfmSettings::default()
+            pb::CfmSettings { hops: Some(0), ..Default::default() }
         } else {
-            pb::CfmSettings { hops, solver: "euler".into(), steps: cfm_steps }
+            pb::CfmSettings { hops: Some(hops), solver: Some("euler".into()), steps: Some(cfm_steps) }
         }),
         decode: Some(pb::DecodeSettings::default()),
         profile: "sleep".into(),
