@@ -1,1 +1,20 @@
-//! The trainer (issue D).
+//! The trainer (issue D): the optimisation loop and its parts, shared by the autoencoder, the
+//! CFM upsamplers and the base latent generator.
+//!
+//! - [`optim`]: Adam(W) with saveable state, the reference's warm-up schedule, gradient clipping.
+//! - [`ema`]: the reference's EMA (decay 0.999 with its inverse-gamma warm-up).
+//! - [`checkpoint`]: resumable safetensors checkpoints with the reference's key names.
+//! - [`log`]: the JSONL loss log.
+//! - [`trainer`]: the loop ([`Trainer::fit`]) and the [`Objective`] trait the models implement.
+
+pub mod checkpoint;
+pub mod ema;
+pub mod log;
+pub mod optim;
+pub mod trainer;
+
+pub use checkpoint::{Checkpoint, CheckpointError, Layout, AUTOENCODER_LAYOUT, UNET_LAYOUT};
+pub use ema::{Ema, EmaConfig};
+pub use log::LossLog;
+pub use optim::{clip_grad_norm, Adam, AdamConfig, WarmupSchedule};
+pub use trainer::{Objective, StepReport, TrainConfig, TrainError, Trainer};
