@@ -6,9 +6,15 @@
 //! - [`checkpoint`]: resumable safetensors checkpoints with the reference's key names.
 //! - [`log`]: the JSONL loss log.
 //! - [`trainer`]: the loop ([`Trainer::fit`]) and the [`Objective`] trait the models implement.
+//! - [`data`]: random multi-scale photo crops and precomputed latents.
+//! - [`autoencoder`]: the first-stage objective (L1 + small KL) and the latent scale.
+//! - [`flow`]: the CFM hop objective (the paper's) and the base generator's.
 
+pub mod autoencoder;
 pub mod checkpoint;
+pub mod data;
 pub mod ema;
+pub mod flow;
 pub mod log;
 pub mod optim;
 pub mod trainer;
@@ -18,3 +24,6 @@ pub use ema::{Ema, EmaConfig};
 pub use log::LossLog;
 pub use optim::{clip_grad_norm, Adam, AdamConfig, WarmupSchedule};
 pub use trainer::{Objective, StepReport, TrainConfig, TrainError, Trainer};
+pub use autoencoder::{latent_scale, AutoencoderObjective, VariationalAutoencoder};
+pub use data::{LatentEncoder, LatentSet, PhotoSet, Zoom};
+pub use flow::{BaseObjective, CfmHopObjective, VelocityNet};
