@@ -19,5 +19,9 @@ if [ ! -d "$FMBOOST_GOLDEN_DIR" ]; then
     exit 1
 fi
 
+# Kubernetes manifests: render every overlay, validate against Kubernetes and KEDA schemas,
+# check container args against the binaries' flags (writes target/k8s-validate/).
+./scripts/validate-k8s.sh
+
 cargo build --workspace --bins
 cargo test --workspace "$@"

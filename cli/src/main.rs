@@ -2,6 +2,8 @@
 //! trainer, the golden checks and the benchmarks. Each command lives in its own module; this
 //! file only dispatches.
 
+mod client;
+mod bench;
 mod golden;
 
 use std::process::ExitCode;
@@ -19,12 +21,31 @@ struct Cli {
 enum Command {
     /// Run reference-vector files (shared/golden format) and compare against our models.
     CheckGolden(golden::Args),
+    /// Submit a job to the cluster (optionally following it and downloading the PNG).
+    Submit(client::SubmitArgs),
+    /// Follow a job's progress until it finishes.
+    Watch(client::JobArgs),
+    /// Download a finished job's PNG (and final latent).
+    Result(client::ResultArgs),
+    /// Cancel a job.
+    Cancel(client::JobArgs),
+    /// The cluster's status, or a job's.
+    Status(client::StatusArgs),
+    /// Micro-benchmarks; each prints one JSON line.
+    #[command(subcommand)]
+    Bench(bench::Command),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckGolden(args) => golden::run(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Watch(args) => client::watch(args),
+        Command::Result(args) => client::result(args),
+        Command::Cancel(args) => client::cancel(args),
+        Command::Status(args) => client::status(args),
+        Command::Bench(command) => bench::run(command),
     };
     match result {
         Ok(code) => code,

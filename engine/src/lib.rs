@@ -1,1 +1,9 @@
-//! Joins models and core: model profiles and the pipeline stages (used by workers and `fmboost generate`).
+//! Joins `models` and `core`: model profiles, the pipeline stages on real models (used by the
+//! worker pools and by `fmboost generate`), and pixels in and out.
+
+pub mod executor;
+pub mod files;
+pub mod local;
+pub mod picture;
+pub mod profile;
+pub mod stack;

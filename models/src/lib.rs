@@ -5,6 +5,7 @@
 //! - [`base`]: SD 1.5 text-to-latent (CLIP, UNet, DDIM / Euler-a / LCM).
 //! - [`golden`]: checks against the reference vectors in `shared/golden`.
 //! - [`train`]: the trainer (autoencoder, CFM hops, base generator).
+//! - [`weights`]: safetensors/config loading with one error for all missing keys.
 //! - [`rng`]: seeded noise drawn on the CPU (see "Determinism" in the architecture doc).
 //! - [`pixels`]: 8-bit RGB photos: loading, area downsampling, crops, tensor conversion.
 //! - [`eval`]: PSNR/SSIM evaluation of upscalers on photo crops.
@@ -19,3 +20,4 @@ pub mod pixels;
 pub mod progress;
 pub mod rng;
 pub mod train;
+pub mod weights;

@@ -1,0 +1,219 @@
+//! Model profiles: which networks serve each stage, and where their weights are.
+//!
+//! A profile is a TOML file. Relative paths resolve against the file's directory. The built-in
+//! profile `tiny` is the same format, embedded in the binary with its weights (see
+//! [`crate::tiny`]), so the default needs no files at all.
+//!
+//! ```toml
+//! name = "sd15"
+//!
+//! [base]                       # text → low-resolution latent
+//! kind = "stable-diffusion"    # a diffusers SD 1.5 directory
+//! path = "stable-diffusion-v1-5"
+//! lora = "lcm-lora-sdv1-5/pytorch_lora_weights.safetensors"   # optional, fused at load
+//! lora_scale = 1.0
+//!
+//! [autoencoder]                # encode uploads, decode the last latent
+//! kind = "diffusers"           # a diffusers `vae/` directory; or "ldm": one LDM-layout file
+//! path = "stable-diffusion-v1-5/vae"
+//! tile = 64                    # tiled decoding (latent pixels)
+//! overlap = 16
+//! auto_tile_above = 96
+//!
+//! [[hops]]                     # CFM hops, in order; each its own weights
+//! weights = "cfm/hop1.safetensors"
+//! config = "cfm/hop1.json"     # the UNet config (JSON, reference field names)
+//! upsample = "bilinear"        # bilinear | nearest | psu
+//! noising_step = 400
+//! ```
+//!
+//! `kind = "flow"` in `[base]` is an unconditional flow-matching generator (the CFM UNet
+//! without context): `path` is its weights, `config` its UNet config and `latent_size` the
+//! `[height, width]` latent it makes. The tiny profile uses it.
+
+use std::path::{Path, PathBuf};
+
+use fmboost_models::cfm::UpsampleMode;
+use serde::Deserialize;
+
+/// Why a profile could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("profile `{0}`: no such built-in profile and no such file (built-in: tiny, sleep)")]
+    Unknown(String),
+    #[error("profile file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("profile file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The `[base]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BaseSpec {
+    /// A diffusers-format SD 1.5 directory, optionally with a LoRA fused in.
+    StableDiffusion {
+        path: PathBuf,
+        #[serde(default)]
+        lora: Option<PathBuf>,
+        #[serde(default = "one")]
+        lora_scale: f64,
+    },
+    /// An unconditional flow-matching latent generator.
+    Flow { path: PathBuf, config: PathBuf, latent_size: [usize; 2] },
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The `[autoencoder]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoencoderSpec {
+    pub kind: AutoencoderKind,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub tile: Option<usize>,
+    #[serde(default)]
+    pub overlap: Option<usize>,
+    #[serde(default)]
+    pub auto_tile_above: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoencoderKind {
+    /// A diffusers `vae/` directory (`config.json` + `diffusion_pytorch_model.safetensors`).
+    Diffusers,
+    /// One safetensors file in the paper's LDM layout with `ddconfig` metadata.
+    Ldm,
+}
+
+/// One `[[hops]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HopSpec {
+    pub weights: PathBuf,
+    pub config: PathBuf,
+    #[serde(default = "bilinear")]
+    pub upsample: UpsampleMode,
+    #[serde(default = "noising_step")]
+    pub noising_step: usize,
+}
+
+fn bilinear() -> UpsampleMode {
+    UpsampleMode::Bilinear
+}
+fn noising_step() -> usize {
+    400
+}
+
+/// A parsed profile; paths are absolute (or, for the built-in profile, names of embedded files).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSpec {
+    pub name: String,
+    pub base: BaseSpec,
+    pub autoencoder: AutoencoderSpec,
+    #[serde(default)]
+    pub hops: Vec<HopSpec>,
+}
+
+impl ProfileSpec {
+    /// Parses TOML; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ProfileError> {
+        let spec: ProfileSpec =
+            toml::from_str(text).map_err(|e| ProfileError::Invalid { path: origin.into(), message: e.to_string() })?;
+        if spec.name.trim().is_empty() {
+            return Err(ProfileError::Invalid { path: origin.into(), message: "`name` must not be empty".into() });
+        }
+        Ok(spec)
+    }
+
+    /// Reads a profile file and resolves its relative paths against the file's directory.
+    pub fn read(path: &Path) -> Result<Self, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { path: path.into(), source })?;
+        let mut spec = Self::parse(&text, path)?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        spec.resolve_paths(&dir);
+        Ok(spec)
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        match &mut self.base {
+            BaseSpec::StableDiffusion { path, lora, .. } => {
+                resolve(path);
+                if let Some(lora) = lora {
+                    resolve(lora);
+                }
+            }
+            BaseSpec::Flow { path, config, .. } => {
+                resolve(path);
+                resolve(config);
+            }
+        }
+        resolve(&mut self.autoencoder.path);
+        for hop in &mut self.hops {
+            resolve(&mut hop.weights);
+            resolve(&mut hop.config);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SD15: &str = r#"
+name = "sd15"
+[base]
+kind = "stable-diffusion"
+path = "sd"
+lora = "lcm.safetensors"
+[autoencoder]
+kind = "diffusers"
+path = "sd/vae"
+tile = 64
+overlap = 16
+[[hops]]
+weights = "/abs/hop1.safetensors"
+config = "hop1.json"
+"#;
+
+    #[test]
+    fn reads_and_resolves_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, SD15).unwrap();
+        let spec = ProfileSpec::read(&file).unwrap();
+        assert_eq!(spec.name, "sd15");
+        match &spec.base {
+            BaseSpec::StableDiffusion { path, lora, lora_scale } => {
+                assert_eq!(path, &dir.path().join("sd"));
+                assert_eq!(lora.as_deref(), Some(dir.path().join("lcm.safetensors").as_path()));
+                assert_eq!(*lora_scale, 1.0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(spec.hops[0].weights, PathBuf::from("/abs/hop1.safetensors"));
+        assert_eq!(spec.hops[0].config, dir.path().join("hop1.json"));
+        assert_eq!(spec.hops[0].upsample, UpsampleMode::Bilinear);
+        assert_eq!(spec.hops[0].noising_step, 400);
+    }
+
+    #[test]
+    fn unknown_fields_and_kinds_are_errors_naming_them() {
+        let err = ProfileSpec::parse(&SD15.replace("tile = 64", "tyle = 64"), Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("tyle"), "{err}");
+        let err = ProfileSpec::parse(&SD15.replace("stable-diffusion", "dall-e"), Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("dall-e"), "{err}");
+        let err = ProfileSpec::read(Path::new("/nonexistent/profile.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/profile.toml"), "{err}");
+    }
+}

@@ -1,0 +1,234 @@
+//! The UNet's 3×3 / stride 1 / padding 1 convolution (most of its FLOPs).
+//!
+//! On the CPU in f32 it runs as a custom op: the input is copied once into a zero-padded,
+//! row-flattened buffer; in that layout the input patch under kernel tap (kh, kw) is the same
+//! buffer shifted by `kh·(W+2) + kw`, so the convolution is nine accumulating GEMMs
+//! `W[:, :, kh, kw] · shifted(x)` straight out of it, with no im2col matrix. Outputs are
+//! computed on the padded width (two junk columns a row, dropped when copying out) in
+//! cache-sized column tiles, with the bias as the tiles' initial value. The backward pass is
+//! candle's own conv2d backward, so training sees exactly the gradients of `conv2d`.
+//! Elsewhere (CUDA, other dtypes) it is candle's `conv2d`.
+
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+/// A 3×3, stride-1, padding-1 convolution with bias (weights `weight` [out, in, 3, 3], `bias`).
+#[derive(Debug, Clone)]
+pub(crate) struct Conv3x3 {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv3x3 {
+    pub fn new(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Self> {
+        // Same initialisation as candle_nn::conv2d.
+        let weight = vb.get_with_hints((out_ch, in_ch, 3, 3), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let bound = 1.0 / (in_ch as f64).sqrt();
+        let bias = vb.get_with_hints(out_ch, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Conv3x3 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv3x3(x, &self.weight, &self.bias)
+    }
+}
+
+/// `conv2d(x, weight, padding 1, stride 1) + bias` for x [B, C_in, H, W], weight
+/// [C_out, C_in, 3, 3], bias [C_out]; the shifted-GEMM kernel on the CPU in f32.
+pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, ShiftedGemmConv)
+    } else {
+        let out_ch = bias.dim(0)?;
+        x.conv2d(weight, 1, 1, 1, 1)?.broadcast_add(&bias.reshape((1, out_ch, 1, 1))?)
+    }
+}
+
+struct ShiftedGemmConv;
+
+/// Output columns per tile: a tile of output and its input rows stay in L2.
+const TILE: usize = 512;
+
+/// A pointer that may cross threads: every task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("conv3x3: {what} must be f32");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("conv3x3: {what} must be contiguous"),
+    }
+}
+
+impl CustomOp3 for ShiftedGemmConv {
+    fn name(&self) -> &'static str {
+        "conv3x3-shifted-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c_in, h, w) = l1.shape().dims4()?;
+        let (c_out, k_in, kh, kw) = l2.shape().dims4()?;
+        if k_in != c_in || kh != 3 || kw != 3 || l3.shape().dims() != [c_out] {
+            candle_core::bail!(
+                "conv3x3: input {:?}, weight {:?}, bias {:?} do not fit",
+                l1.shape().dims(),
+                l2.shape().dims(),
+                l3.shape().dims()
+            );
+        }
+        if b * c_in * h * w * c_out == 0 {
+            candle_core::bail!("conv3x3: empty input {:?} or weight {:?}", l1.shape().dims(), l2.shape().dims());
+        }
+        let x = contiguous_f32(s1, l1, "input")?;
+        let weight = contiguous_f32(s2, l2, "weight")?;
+        let bias = contiguous_f32(s3, l3, "bias")?;
+
+        let pw = w + 2;
+        // Two extra zeros so the last tap of the last padded column stays inside the plane.
+        let plane = (h + 2) * pw + 2;
+        let mut padded = vec![0f32; b * c_in * plane];
+        padded.par_chunks_mut(plane).zip(x.par_chunks(h * w)).for_each(|(dst, src)| {
+            for (r, row) in src.chunks(w).enumerate() {
+                let at = (r + 1) * pw + 1;
+                dst[at..at + w].copy_from_slice(row);
+            }
+        });
+
+        let mut out = vec![0f32; b * c_out * h * w];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let columns = h * pw;
+        let tiles = columns.div_ceil(TILE);
+        let threads = candle_core::utils::get_num_threads();
+        // Enough tiles: one GEMM per thread at a time. Few tiles (deep, small levels): let the
+        // GEMM itself split its rows over the threads.
+        let (outer_parallel, gemm_parallelism) = if b * tiles >= 2 * threads || threads == 1 {
+            (true, gemm::Parallelism::None)
+        } else {
+            (false, gemm::Parallelism::Rayon(threads))
+        };
+        let run_tile = |job: usize| {
+            let (item, tile) = (job / tiles, job % tiles);
+            let start = tile * TILE;
+            let n = TILE.min(columns - start);
+            let mut acc = vec![0f32; c_out * n];
+            for (row, &bias) in acc.chunks_mut(n).zip(bias) {
+                row.fill(bias);
+            }
+            let input = &padded[item * c_in * plane..(item + 1) * c_in * plane];
+            for tap in 0..9 {
+                let shift = (tap / 3) * pw + tap % 3;
+                // SAFETY: lhs is weight[:, :, tap] (rows c_in·9 apart, columns 9 apart), rhs is
+                // c_in rows of `n` columns `plane` apart starting at start + shift, which ends
+                // before the plane does (see `plane`); dst is this task's own buffer.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        n,
+                        c_in,
+                        acc.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        true,
+                        weight.as_ptr().add(tap),
+                        9,
+                        (c_in * 9) as isize,
+                        input.as_ptr().add(start + shift),
+                        1,
+                        plane as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm_parallelism,
+                    );
+                }
+            }
+            // Copy the valid columns (padded column < w) of each output row in this tile.
+            let out_ptr = out_ptr;
+            for (co, row) in acc.chunks(n).enumerate() {
+                let mut p = start;
+                while p < start + n {
+                    let (i, j) = (p / pw, p % pw);
+                    let run_end = (i * pw + w).min(start + n);
+                    if j < w {
+                        let len = run_end - p;
+                        let dst = ((item * c_out + co) * h + i) * w + j;
+                        // SAFETY: (item, co, i, j..j+len) is written by this tile only.
+                        unsafe { std::ptr::copy_nonoverlapping(row[p - start..].as_ptr(), out_ptr.0.add(dst), len) };
+                    }
+                    p = (i + 1) * pw;
+                }
+            }
+        };
+        if outer_parallel {
+            (0..b * tiles).into_par_iter().for_each(run_tile);
+        } else {
+            (0..b * tiles).for_each(run_tile);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))))
+    }
+
+    fn bwd(&self, x: &Tensor, weight: &Tensor, _bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // candle's conv2d backward for padding 1, stride 1, dilation 1.
+        let grad_x = grad.conv_transpose2d(weight, 1, 0, 1, 1)?;
+        let grad_w = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, 1, 1, 1, 1)?.transpose(0, 1)?;
+        let grad_b = grad.sum((0, 2, 3))?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn matches_candle_conv2d_forward_and_backward() {
+        let dev = Device::Cpu;
+        // Several tiles per item, a partial last tile, batch 2, non-square, c_in ≠ c_out.
+        for (b, c_in, c_out, h, w) in [(2, 5, 7, 19, 33), (1, 3, 2, 1, 1), (3, 4, 4, 2, 5)] {
+            let x = Var::randn(0f32, 1.0, (b, c_in, h, w), &dev).unwrap();
+            let weight = Var::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev).unwrap();
+            let bias = Var::randn(0f32, 1.0, c_out, &dev).unwrap();
+            let conv = Conv3x3 { weight: weight.as_tensor().clone(), bias: bias.as_tensor().clone() };
+            let ours = conv.forward(x.as_tensor()).unwrap();
+            let reference = x
+                .as_tensor()
+                .conv2d(weight.as_tensor(), 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.as_tensor().reshape((1, c_out, 1, 1)).unwrap())
+                .unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-4, "forward {:?}", (b, c_in, c_out, h, w));
+
+            let probe = Tensor::randn(0f32, 1.0, ours.shape(), &dev).unwrap();
+            let g_ours = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &weight, &bias] {
+                let d = max_diff(g_ours.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+                assert!(d < 1e-3, "gradient differs by {d}");
+            }
+        }
+    }
+}
