@@ -94,7 +94,7 @@ mod tests {
     use super::*;
     use crate::rng::{rng_for, Stream};
     use crate::train::checkpoint::{META_KIND, AUTOENCODER_LAYOUT};
-    use crate::train::flow::tests::named_vars;
+    use crate::train::nets::named_vars;
     use crate::train::{AdamConfig, TrainConfig, Trainer};
     use candle_core::DType;
     use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Module, VarBuilder, VarMap};

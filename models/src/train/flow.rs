@@ -4,6 +4,7 @@
 use candle_core::{Device, Tensor};
 
 use super::data::LatentSet;
+use crate::cfm::noise_augment;
 use super::trainer::Objective;
 use crate::rng::NoiseRng;
 
@@ -42,8 +43,8 @@ pub struct CfmHopObjective<'a> {
     pub net: &'a dyn VelocityNet,
     pub data: &'a LatentSet,
     pub batch: usize,
-    /// ᾱ at the noising step.
-    pub alpha_bar: f64,
+    /// ᾱ at the noising step (`cfm::alpha_bar_cosine()[400]` for the paper's setting).
+    pub alpha_bar: f32,
     pub resize: Resize<'a>,
     pub device: Device,
 }
@@ -57,7 +58,7 @@ impl Objective for CfmHopObjective<'_> {
         let (_, _, h, w) = x1.dims4()?;
         let z_up = (self.resize)(&low, (h, w))?;
         let eps = rng.randn(x1.dims(), &self.device)?.to_dtype(x1.dtype())?;
-        let x0 = (z_up.affine(self.alpha_bar.sqrt(), 0.0)? + eps.affine((1.0 - self.alpha_bar).sqrt(), 0.0)?)?;
+        let x0 = noise_augment(&z_up, &eps, self.alpha_bar)?;
         flow_matching_loss(self.net, &x0, &x1, Some(&z_up), rng)
     }
 }
@@ -79,23 +80,24 @@ impl Objective for BaseObjective<'_> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::rng::{rng_for, Stream};
     use crate::train::checkpoint::{META_KIND, UNET_LAYOUT};
     use crate::train::{AdamConfig, TrainConfig, Trainer};
+    use crate::train::nets::named_vars;
     use candle_core::{DType, Var};
     use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder, VarMap};
     use std::collections::BTreeMap;
 
     /// A two-layer conv net taking cat[x_t, context, t] as channels.
-    pub(crate) struct TinyNet {
+    struct TinyNet {
         a: Conv2d,
         b: Conv2d,
     }
 
     impl TinyNet {
-        pub(crate) fn new(channels: usize, context: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        fn new(channels: usize, context: usize, vb: VarBuilder) -> candle_core::Result<Self> {
             let cfg = Conv2dConfig { padding: 1, ..Default::default() };
             Ok(Self {
                 a: candle_nn::conv2d(channels + context + 1, 16, 3, cfg, vb.pp("a"))?,
@@ -113,12 +115,6 @@ pub(crate) mod tests {
             parts.push(tt.contiguous()?);
             self.b.forward(&self.a.forward(&Tensor::cat(&parts, 1)?)?.silu()?)
         }
-    }
-
-    pub(crate) fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-        let mut vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        vars
     }
 
     fn trainer(vars: Vec<(String, Var)>, steps: u64) -> Trainer {

@@ -9,14 +9,20 @@
 //! - [`data`]: random multi-scale photo crops and precomputed latents.
 //! - [`autoencoder`]: the first-stage objective (L1 + small KL) and the latent scale.
 //! - [`flow`]: the CFM hop objective (the paper's) and the base generator's.
+//! - [`presets`]: the tiny chain's architectures.
+//! - [`export`]: trained models in the layouts the loaders read.
+//! - [`nets`]: the UNet and the autoencoder behind those traits; the every-parameter-gets-a-gradient check.
 
 pub mod autoencoder;
 pub mod checkpoint;
 pub mod data;
 pub mod ema;
+pub mod export;
 pub mod flow;
 pub mod log;
+pub mod nets;
 pub mod optim;
+pub mod presets;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, CheckpointError, Layout, AUTOENCODER_LAYOUT, UNET_LAYOUT};
@@ -27,3 +33,4 @@ pub use trainer::{Objective, StepReport, TrainConfig, TrainError, Trainer};
 pub use autoencoder::{latent_scale, AutoencoderObjective, VariationalAutoencoder};
 pub use data::{LatentEncoder, LatentSet, PhotoSet, Zoom};
 pub use flow::{BaseObjective, CfmHopObjective, VelocityNet};
+pub use nets::{named_vars, parameters_without_gradient};
