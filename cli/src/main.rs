@@ -4,7 +4,9 @@
 
 mod client;
 mod bench;
+mod eval;
 mod golden;
+mod train;
 
 use std::process::ExitCode;
 
@@ -31,6 +33,10 @@ enum Command {
     Cancel(client::JobArgs),
     /// The cluster's status, or a job's.
     Status(client::StatusArgs),
+    /// Evaluate upscaling (PSNR/SSIM) on photo crops.
+    Eval(eval::Args),
+    /// Train the autoencoder, a CFM hop or the base generator on a folder of photos.
+    Train(train::Args),
     /// Micro-benchmarks; each prints one JSON line.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -46,6 +52,8 @@ fn main() -> ExitCode {
         Command::Cancel(args) => client::cancel(args),
         Command::Status(args) => client::status(args),
         Command::Bench(command) => bench::run(command),
+        Command::Eval(args) => eval::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
