@@ -429,3 +429,51 @@ fn train_base(a: BaseArgs) -> Result<()> {
     fit(&mut trainer, &mut objective, &a.run, &run)?;
     finish_unet(&trainer, &config, &a.run, extra)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["t"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().run
+    }
+
+    fn photo_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        image::RgbImage::from_pixel(40, 30, image::Rgb([1, 2, 3])).save(dir.path().join("a.png")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bad_flags_and_folders_are_named() {
+        let photos = photo_dir();
+        let out = tempfile::tempdir().unwrap();
+        let data = photos.path().to_str().unwrap();
+        let out_dir = out.path().join("run");
+        let out_str = out_dir.to_str().unwrap();
+
+        let err = run_args(&["--data", data, "--out", out_str, "--steps", "0"]).prepare().err().unwrap();
+        assert!(err.to_string().contains("--steps"), "{err}");
+        let err = run_args(&["--data", data, "--out", out_str, "--steps", "5", "--resume"]).prepare().err().unwrap();
+        assert!(err.to_string().contains("--resume"), "{err}");
+        let err = run_args(&["--data", "/nonexistent/photos", "--out", out_str, "--steps", "5"]).prepare().err().unwrap();
+        assert!(format!("{err:#}").contains("--data /nonexistent/photos"), "{err:#}");
+        let err = run_args(&["--data", data, "--out", out_str, "--steps", "5", "--device", "tpu"]).prepare().err().unwrap();
+        assert!(err.to_string().contains("tpu"), "{err}");
+
+        let run = run_args(&["--data", data, "--out", out_str, "--steps", "5"]).prepare().unwrap();
+        assert_eq!(run.photos.images.len(), 1);
+        std::fs::write(out_dir.join("checkpoint.safetensors"), b"x").unwrap();
+        let err = run_args(&["--data", data, "--out", out_str, "--steps", "5"]).prepare().err().unwrap();
+        assert!(err.to_string().contains("pass --resume"), "{err}");
+    }
+}
