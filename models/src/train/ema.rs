@@ -43,7 +43,7 @@ pub struct Ema {
 impl Ema {
     /// Starts as a copy of `params`.
     pub fn new(params: &[(String, Var)], config: EmaConfig) -> Result<Self> {
-        let weights = params.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
+        let weights = params.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?.detach()))).collect::<Result<_>>()?;
         Ok(Self { config, calls: 0, weights })
     }
 
@@ -82,9 +82,11 @@ impl Ema {
                 candle_core::bail!("EMA follows `{name}` but was given `{pname}`");
             }
             *ema = if decay == 0.0 {
-                var.as_tensor().copy()?
+                var.as_tensor().copy()?.detach()
             } else {
-                ((&*ema * decay)? + (var.as_tensor() * (1.0 - decay))?)?
+                // Detached: `var` is a variable, so the blend would otherwise record a graph
+                // that chains every earlier EMA tensor (unbounded memory).
+                ((&*ema * decay)? + (var.as_tensor() * (1.0 - decay))?)?.detach()
             };
         }
         Ok(())
@@ -133,6 +135,7 @@ mod tests {
         let want = d * 3.0 + (1.0 - d) * 10.0;
         assert!((scalar(&ema) as f64 - want).abs() < 1e-5, "{} vs {want}", scalar(&ema));
         assert_eq!(ema.calls(), 4);
+        assert!(!ema.weights()[0].1.track_op(), "the EMA must not hold a graph");
     }
 
     #[test]

@@ -90,8 +90,10 @@ impl Adam {
         let correct2 = 1.0 / (1.0 - beta2.powi(self.t as i32));
         for (i, (_, var)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let m = ((&self.first[i] * beta1)? + (g * (1.0 - beta1))?)?;
-            let v = ((&self.second[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            // Detached: the gradients carry the step's graph, and a moment that kept it would
+            // chain every step's graph to the next (unbounded memory).
+            let m = ((&self.first[i] * beta1)? + (g * (1.0 - beta1))?)?.detach();
+            let v = ((&self.second[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?.detach();
             let update = ((&m * correct1)? / ((&v * correct2)?.sqrt()? + eps)?)?;
             let decayed = if weight_decay != 0.0 { (var.as_tensor() * (1.0 - lr * weight_decay))? } else { var.as_tensor().clone() };
             var.set(&(decayed - (update * lr)?)?)?;
@@ -176,6 +178,8 @@ mod tests {
         let got: Vec<f32> = w.as_tensor().to_vec1().unwrap();
         assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] + 1.9).abs() < 1e-6 && got[2] == 3.0, "{got:?}");
         assert_eq!(adam.updates(), 1);
+        // The state holds no graph (else memory grows with every step).
+        assert!(adam.state().iter().all(|(_, t)| !t.track_op()));
     }
 
     #[test]
