@@ -217,7 +217,7 @@ fn fit(trainer: &mut Trainer, objective: &mut dyn Objective, args: &RunArgs, run
         trainer.resume(&ckpt)?;
         eprintln!("resumed at step {}", trainer.step());
     }
-    let mut log = LossLog::open(&args.out.join("loss.jsonl"), args.resume).context("loss log")?;
+    let mut log = LossLog::open(&args.out.join("loss.jsonl"), args.resume.then_some(trainer.step())).context("loss log")?;
     let bar = ProgressBar::new(args.steps).with_position(trainer.step());
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  loss {msg}  {elapsed_precise} ETA {eta_precise}")

@@ -1,6 +1,6 @@
 //! The JSONL loss log: one JSON object per optimizer step.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -13,13 +13,30 @@ pub struct LossLog {
 }
 
 impl LossLog {
-    /// Opens `path`; `append` keeps earlier lines (resuming), otherwise the file is truncated.
-    pub fn open(path: &Path, append: bool) -> std::io::Result<Self> {
+    /// Opens `path` for a fresh run (truncated) or, with `resumed_at = Some(k)`, for a run
+    /// resumed at step `k`: lines of steps after `k` (written after the checkpoint the run
+    /// resumes from) are dropped, so every step appears once.
+    pub fn open(path: &Path, resumed_at: Option<u64>) -> std::io::Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
-        let file = OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(path)?;
-        Ok(Self { path: path.to_owned(), out: BufWriter::new(file) })
+        let kept = match resumed_at {
+            Some(step) if path.exists() => std::fs::read_to_string(path)?
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect::<String>(),
+            _ => String::new(),
+        };
+        let mut out = BufWriter::new(File::create(path)?);
+        out.write_all(kept.as_bytes())?;
+        out.flush()?;
+        Ok(Self { path: path.to_owned(), out })
     }
 
     pub fn path(&self) -> &Path {
@@ -45,17 +62,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writes_one_json_object_per_line_and_appends_on_resume() {
+    fn one_line_per_step_and_a_resume_drops_steps_after_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log/loss.jsonl");
         let report = |step| StepReport { step, total: 3, loss: 0.5, lr: 1e-4, grad_norm: 2.0, elapsed_s: 0.25 };
-        LossLog::open(&path, false).unwrap().record(&report(1)).unwrap();
-        LossLog::open(&path, true).unwrap().record(&report(2)).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let steps: Vec<u64> =
-            text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
-        assert_eq!(steps, vec![1, 2]);
-        LossLog::open(&path, false).unwrap();
-        assert!(std::fs::read_to_string(&path).unwrap().is_empty());
+        let mut log = LossLog::open(&path, None).unwrap();
+        for step in 1..=4 {
+            log.record(&report(step)).unwrap();
+        }
+        // The checkpoint was at step 2; steps 3 and 4 are redone.
+        let mut log = LossLog::open(&path, Some(2)).unwrap();
+        log.record(&report(3)).unwrap();
+        let steps = |p: &Path| -> Vec<u64> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(steps(&path), vec![1, 2, 3]);
+        LossLog::open(&path, None).unwrap();
+        assert!(steps(&path).is_empty());
     }
 }

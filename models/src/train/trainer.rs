@@ -271,14 +271,14 @@ mod tests {
         let ckpt = dir.path().join("run.safetensors");
         let log_path = dir.path().join("loss.jsonl");
         let (mut line, mut trainer) = setup(20);
-        let mut log = LossLog::open(&log_path, false).unwrap();
+        let mut log = LossLog::open(&log_path, None).unwrap();
         let err = trainer.fit(&mut line, Some(&ckpt), Some(&mut log), &mut |r| if r.step == 8 { Flow::Stop } else { Flow::Continue });
         assert!(matches!(err, Err(TrainError::Cancelled { step: 8 })));
 
         let (mut resumed, mut trainer2) = setup(20);
         trainer2.resume(&checkpoint::read(&ckpt, &Device::Cpu).unwrap()).unwrap();
         assert_eq!(trainer2.step(), 8);
-        let mut log = LossLog::open(&log_path, true).unwrap();
+        let mut log = LossLog::open(&log_path, Some(trainer2.step())).unwrap();
         trainer2.fit(&mut resumed, Some(&ckpt), Some(&mut log), &mut |_| Flow::Continue).unwrap();
 
         let (mut straight, mut trainer3) = setup(20);
