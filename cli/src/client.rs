@@ -64,7 +64,7 @@ pub struct SubmitArgs {
     /// CFM hops, each 2× the latent size.
     #[arg(long, default_value_t = 2)]
     hops: u32,
-    /// CFM ODE solver: euler, midpoint, heun or rk4 (default euler; needs --hops > 0).
+    /// CFM ODE solver: euler, midpoint, heun2 or rk4 (default euler; needs --hops > 0).
     #[arg(long)]
     cfm_solver: Option<String>,
     /// CFM solver steps (default 40; needs --hops > 0).

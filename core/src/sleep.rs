@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use crate::spec::{JobSpec, Source};
 use crate::stage::{StageError, StageExecutor, StageInput, StageKind, StageOutput, StageTask};
@@ -136,18 +136,6 @@ impl StageExecutor for SleepExecutor {
             .map(|(task, cancelled)| if cancelled { Err(StageError::Cancelled) } else { self.compute(task) })
             .collect()
     }
-}
-
-/// The factory the worker binaries use until the model engine is wired in: serves only the
-/// `sleep` profile on the CPU.
-pub fn executor_factory(kind: StageKind, flags: &crate::worker::WorkerFlags) -> anyhow::Result<Box<dyn StageExecutor>> {
-    let Some(step) = SleepExecutor::parse_profile(&flags.profile) else {
-        bail!("--profile {}: this worker binary serves only the load-test profile `sleep[:STEP_MS]`", flags.profile);
-    };
-    if flags.device != "cpu" {
-        bail!("--device {}: the sleep profile runs on cpu only", flags.device);
-    }
-    Ok(Box::new(SleepExecutor::new(kind, step?)))
 }
 
 fn decoder_tiles(spec: &JobSpec) -> u32 {

@@ -9,10 +9,11 @@ use fmboost_proto::v1 as pb;
 use crate::stage::{StageKind, StageRef};
 use crate::tensor::{DType, TensorError, WireTensor};
 
-/// Base-model schedulers the engine implements.
-pub const SCHEDULERS: &[&str] = &["ddim", "euler_a", "lcm"];
-/// Fixed-step ODE solvers for the CFM hops.
-pub const SOLVERS: &[&str] = &["euler", "midpoint", "heun", "rk4"];
+/// Base-model schedulers the engine implements: DDIM, Euler ancestral and LCM for Stable
+/// Diffusion bases; `euler` (the flow ODE) for flow-matching bases such as `tiny`'s.
+pub const SCHEDULERS: &[&str] = &["ddim", "euler_a", "lcm", "euler"];
+/// Fixed-step ODE solvers for the CFM hops (torchdiffeq's names; `rk4` is the 3/8 rule).
+pub const SOLVERS: &[&str] = &["euler", "midpoint", "heun2", "rk4"];
 
 /// Bounds on what a job may ask for. Sizes in pixels are of the decoded image.
 #[derive(Debug, Clone)]
@@ -251,7 +252,7 @@ fn parse(spec: pb::JobSpec, limits: Option<&Limits>) -> Result<(JobSpec, Option<
         return Err(invalid("profile", "required"));
     }
     if let Some(limits) = limits {
-        if !limits.profiles.iter().any(|p| *p == spec.profile) {
+        if !limits.profiles.contains(&spec.profile) {
             return Err(invalid("profile", format!("unknown profile {:?} (served: {})", spec.profile, limits.profiles.join(", "))));
         }
         if spec.idempotency_key.len() > 200 {
@@ -364,7 +365,7 @@ fn parse_image(data: Vec<u8>, limits: Option<&Limits>) -> Result<(Source, Option
 
 fn check_side(parent: &str, name: &str, value: u32, max: u32) -> Result<(), ValidationError> {
     let field = format!("{parent}.{name}");
-    if value == 0 || value % 8 != 0 {
+    if value == 0 || !value.is_multiple_of(8) {
         return Err(invalid(&field, format!("must be a positive multiple of 8, got {value}")));
     }
     if value > max {

@@ -9,22 +9,33 @@ use fmboost_core::spec::{JobSpec, Source};
 use fmboost_core::stage::{StageError, StageExecutor, StageInput, StageKind, StageOutput, StageTask};
 use fmboost_core::tensor::WireTensor;
 use fmboost_models::autoencoder::TileConfig;
-use fmboost_models::base::{SchedulerKind, TextToLatent};
 use fmboost_models::cfm::Solver;
 use fmboost_models::progress::{Flow, RunError, Step};
 
 use crate::picture::{encode_png, rgb8_to_tensor, tensor_to_rgb8, GenerationParameters, Rgb8};
-use crate::stack::{BaseJob, ProfileModels};
+use crate::stack::{BaseJob, BaseRequest, ProfileModels};
 
 /// Computes one stage of a profile's pipeline.
+///
+/// A batch runs job after job by default: a job's bytes then never depend on which other jobs
+/// shared its batch (CPU GEMM blocking, for one, changes the last bits with the batch size),
+/// which is what makes cluster output equal `fmboost generate`'s. `stacked` runs a batch as one
+/// tensor batch instead — faster on GPUs, at the price of that guarantee.
 pub struct ModelExecutor {
     kind: StageKind,
     models: Arc<ProfileModels>,
+    stacked: bool,
 }
 
 impl ModelExecutor {
     pub fn new(kind: StageKind, models: Arc<ProfileModels>) -> Self {
-        Self { kind, models }
+        Self { kind, models, stacked: false }
+    }
+
+    /// Runs batches as one tensor batch (see the type's docs).
+    pub fn stacked(mut self, stacked: bool) -> Self {
+        self.stacked = stacked;
+        self
     }
 }
 
@@ -57,6 +68,21 @@ impl StageExecutor for ModelExecutor {
     }
 
     fn run_batch(&self, tasks: &[StageTask], progress: &mut dyn FnMut(usize, u32, u32) -> bool) -> Vec<Result<StageOutput, StageError>> {
+        if self.stacked {
+            return self.run_stacked(tasks, progress);
+        }
+        let mut results = Vec::with_capacity(tasks.len());
+        for (i, task) in tasks.iter().enumerate() {
+            let mut one = |_: usize, step: u32, total: u32| progress(i, step, total);
+            results.extend(self.run_stacked(std::slice::from_ref(task), &mut one));
+        }
+        results
+    }
+}
+
+impl ModelExecutor {
+    /// Runs `tasks` as one tensor batch.
+    fn run_stacked(&self, tasks: &[StageTask], progress: &mut dyn FnMut(usize, u32, u32) -> bool) -> Vec<Result<StageOutput, StageError>> {
         if tasks.is_empty() {
             return Vec::new();
         }
@@ -111,14 +137,13 @@ impl ModelExecutor {
         let latents = match (&first.spec.source, &first.input) {
             (Source::Text { negative_prompt, .. }, StageInput::Text) => {
                 let base = first.spec.base.as_ref().ok_or_else(|| invalid("base: a text job needs base settings"))?;
-                let scheduler: SchedulerKind = base.scheduler.parse().map_err(invalid)?;
-                let settings = TextToLatent {
+                let request = BaseRequest {
                     width: base.width as usize,
                     height: base.height as usize,
                     steps: base.steps as usize,
-                    scheduler,
+                    scheduler: &base.scheduler,
                     guidance: base.guidance as f64,
-                    negative_prompt: negative_prompt.clone(),
+                    negative_prompt,
                 };
                 let jobs = tasks
                     .iter()
@@ -127,7 +152,7 @@ impl ModelExecutor {
                         _ => Err(invalid("a text batch holds a non-text job")),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                self.models.base_latents(&jobs, &settings, progress)?
+                self.models.base_latents(&jobs, &request, progress)?
             }
             (Source::Image { .. }, StageInput::Image(bytes)) => {
                 let image = decode_image(bytes)?;

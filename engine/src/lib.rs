@@ -6,4 +6,5 @@ pub mod files;
 pub mod local;
 pub mod picture;
 pub mod profile;
+pub mod registry;
 pub mod stack;

@@ -60,6 +60,22 @@ pub struct ProfileModels {
     hops: Vec<HopModel>,
 }
 
+/// The scheduler name of a flow-matching base: Euler steps of its ODE.
+pub const FLOW_SCHEDULER: &str = "euler";
+/// Pixels per latent pixel of the kl-f8 autoencoders every profile uses.
+pub const LATENT_FACTOR: usize = 8;
+
+/// Settings of a base-stage batch (shared by its jobs).
+#[derive(Debug, Clone)]
+pub struct BaseRequest<'a> {
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub scheduler: &'a str,
+    pub guidance: f64,
+    pub negative_prompt: &'a str,
+}
+
 /// Per-job inputs of the base stage.
 #[derive(Debug, Clone)]
 pub struct BaseJob<'a> {
@@ -129,34 +145,54 @@ impl ProfileModels {
 
     /// Text (or nothing, for an unconditional base) → scaled latents `[B, C, h, w]`, one
     /// seed per job; settings are shared by the batch.
-    pub fn base_latents(&self, jobs: &[BaseJob<'_>], settings: &TextToLatent, progress: &mut dyn FnMut(Step) -> Flow) -> Result<Tensor, RunError> {
+    pub fn base_latents(&self, jobs: &[BaseJob<'_>], request: &BaseRequest<'_>, progress: &mut dyn FnMut(Step) -> Flow) -> Result<Tensor, RunError> {
         let base = self.base.as_ref().ok_or_else(|| RunError::Invalid("this process did not load the base model".into()))?;
         let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
         match base {
             BaseModel::StableDiffusion(sd) => {
+                let settings = TextToLatent {
+                    width: request.width,
+                    height: request.height,
+                    steps: request.steps,
+                    scheduler: request.scheduler.parse().map_err(RunError::Invalid)?,
+                    guidance: request.guidance,
+                    negative_prompt: request.negative_prompt.to_string(),
+                };
                 let prompts: Vec<&str> = jobs.iter().map(|j| j.prompt).collect();
-                sd.generate(&prompts, &seeds, settings, progress)
+                sd.generate(&prompts, &seeds, &settings, progress)
             }
             BaseModel::Flow { unet, latent_hw } => {
+                let profile = &self.spec.name;
                 if let Some(job) = jobs.iter().find(|j| !j.prompt.is_empty()) {
+                    return Err(RunError::Invalid(format!("profile `{profile}` has an unconditional base model: it takes no prompt (got {:?})", job.prompt)));
+                }
+                if !request.negative_prompt.is_empty() || request.guidance > 1.0 {
                     return Err(RunError::Invalid(format!(
-                        "profile `{}` has an unconditional base model: it takes no prompt (got {:?})",
-                        self.spec.name, job.prompt
+                        "profile `{profile}` has an unconditional base model: no negative prompt or guidance > 1 (got guidance {})",
+                        request.guidance
+                    )));
+                }
+                if request.scheduler != FLOW_SCHEDULER {
+                    return Err(RunError::Invalid(format!(
+                        "profile `{profile}`: its flow-matching base integrates with `{FLOW_SCHEDULER}`, not `{}`",
+                        request.scheduler
                     )));
                 }
                 let (h, w) = *latent_hw;
-                let factor = 8;
-                if settings.height != h * factor || settings.width != w * factor {
+                let factor = LATENT_FACTOR;
+                if request.height != h * factor || request.width != w * factor {
                     return Err(RunError::Invalid(format!(
-                        "profile `{}` makes {}x{} px base images, not {}x{}",
-                        self.spec.name,
+                        "profile `{profile}` makes {}x{} px base images, not {}x{}",
                         w * factor,
                         h * factor,
-                        settings.width,
-                        settings.height
+                        request.width,
+                        request.height
                     )));
                 }
-                flow_sample(unet, *latent_hw, &seeds, settings.steps, &self.device, progress)
+                if request.steps == 0 {
+                    return Err(RunError::Invalid("steps must be at least 1".into()));
+                }
+                flow_sample(unet, *latent_hw, &seeds, request.steps, &self.device, progress)
             }
         }
     }

@@ -33,6 +33,9 @@ pub fn ignore(_: Step) -> Flow {
 pub enum RunError {
     #[error("cancelled after step {step} of {total}")]
     Cancelled { step: usize, total: usize },
+    /// The request itself is wrong (a size, a step count, a prompt); the message names it.
+    #[error("invalid request: {0}")]
+    Invalid(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -5,5 +5,5 @@ use fmboost_core::stage::StageKind;
 use fmboost_core::worker::{run_worker, WorkerFlags};
 
 fn main() -> anyhow::Result<()> {
-    run_worker(StageKind::Decoder, WorkerFlags::parse(), fmboost_core::sleep::executor_factory)
+    run_worker(StageKind::Decoder, WorkerFlags::parse(), fmboost_engine::registry::executor_factory)
 }

@@ -1,16 +1,21 @@
 //! `fmboost bench ...`: micro-benchmarks that print one JSON line each.
 
 pub mod cfm;
+pub mod decode;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Seconds per network evaluation of the CFM UNet with random weights.
     Cfm(cfm::Args),
+    /// Seconds and peak RSS of decoding a latent with the SD 1.5 VAE (random weights), tiled
+    /// and, where it fits in memory, untiled.
+    Decode(decode::Args),
 }
 
 pub fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
     match command {
         Command::Cfm(args) => cfm::run(args),
+        Command::Decode(args) => decode::run(args),
     }
 }
 

@@ -66,6 +66,11 @@ pub struct WorkerFlags {
     /// Consumer name in Redis; default `{hostname}-{pid}-{random}`.
     #[arg(long)]
     pub worker_id: Option<String>,
+    /// Run a batch as one tensor batch: faster on GPUs, but a job's output then depends in
+    /// the last bits on which jobs share its batch. Off by default, so the cluster's output
+    /// equals `fmboost generate`'s bit for bit.
+    #[arg(long)]
+    pub stack_batches: bool,
 }
 
 fn parse_device(value: &str) -> Result<String, String> {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::progress::{self, RunError};
 use crate::weights::{self, LoadError};
+use blocks::NormStats;
 
 pub use ldm::LdmConfig;
 pub use tiled::TileConfig;
@@ -161,6 +162,13 @@ impl Autoencoder {
         })
     }
 
+    /// Fresh, untrained weights (convolutions Kaiming-initialised, norms identity): for
+    /// benchmarks, and as the trainer's starting point.
+    pub fn random(config: &AutoencoderConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let map = candle_nn::VarMap::new();
+        Self::new(config, VarBuilder::from_varmap(&map, dtype, device))
+    }
+
     /// Builds from diffusers-named tensors (an optional leading prefix such as `vae.` is
     /// detected), reporting every missing key and wrong shape at once.
     pub fn from_diffusers_tensors(
@@ -268,11 +276,15 @@ impl Autoencoder {
 
     /// Unscaled latent → image, in one pass (attention over every position: mind the size).
     pub fn decode_unscaled(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_with(z, &mut NormStats::Own)
+    }
+
+    fn decode_with(&self, z: &Tensor, stats: &mut NormStats) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(conv) => conv.forward(z)?,
             None => z.clone(),
         };
-        self.decoder.forward(&z)
+        self.decoder.forward(&z, stats)
     }
 
     /// Image in [−1, 1] → scaled latent `(mean − shift) · scaling_factor`.
@@ -293,12 +305,40 @@ impl Autoencoder {
         self.decode_unscaled(&self.unscale(z)?)
     }
 
-    /// Scaled latent → image, always tiled; the image is assembled on the CPU tile by tile
-    /// (so peak memory follows the tile size) and returned on `z`'s device. `progress` is
-    /// called after every tile and may stop the decode.
+    /// Scaled latent → image, always tiled; the image is assembled on the CPU tile by tile and
+    /// returned on `z`'s device. `progress` is called after every tile of both passes and may
+    /// stop the decode.
+    ///
+    /// The decoder's latent-resolution head (conv_in and the mid block with its attention)
+    /// runs once on the whole latent — exact, and small: latent-sized, with attention in
+    /// query chunks. Only the up blocks, where the pixels and the memory are, run in tiles, in
+    /// two passes: the first decodes every tile with its own GroupNorm statistics and keeps
+    /// only those; the second decodes every tile again with their average, so all tiles are
+    /// normalised alike (as the whole image would be) and neighbours agree.
     pub fn decode_tiled(&self, z: &Tensor, tiles: &TileConfig, progress: progress::Progress) -> std::result::Result<Tensor, RunError> {
         tiles.validate().map_err(candle_core::Error::msg)?;
-        let image = tiled::decode(z, tiles, self.config.downscale(), progress, |tile| self.decode_unscaled(&self.unscale(tile)?))?;
+        let z = self.unscale(z)?;
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(&z)?,
+            None => z,
+        };
+        let head = self.decoder.forward_head(&z, &mut NormStats::Own)?;
+        let (_, _, height, width) = head.dims4()?;
+        let rects = tiled::tile_rects(height, width, tiles);
+        let total = 2 * rects.len();
+        let mut per_tile = Vec::with_capacity(rects.len());
+        for (done, &(y0, x0, th, tw)) in rects.iter().enumerate() {
+            let tile = head.narrow(2, y0, th)?.narrow(3, x0, tw)?.contiguous()?;
+            let mut recording = NormStats::Record(Vec::new());
+            self.decoder.forward_tail(&tile, &mut recording)?;
+            let NormStats::Record(stats) = recording else { unreachable!("a recording stays a recording") };
+            per_tile.push(stats);
+            progress::report(progress, done + 1, total)?;
+        }
+        let shared = blocks::average_stats(&per_tile)?;
+        let image = tiled::decode(&head, tiles, self.config.downscale(), progress, (rects.len(), total), |tile| {
+            self.decoder.forward_tail(tile, &mut NormStats::Replay { stats: shared.clone(), next: 0 })
+        })?;
         Ok(image.to_device(z.device())?)
     }
 
@@ -315,7 +355,8 @@ impl Autoencoder {
 
 /// The prefix (possibly empty) before `anchor` in the keys, e.g. `vae.` or `first_stage_model.`.
 pub(crate) fn detect_prefix(tensors: &HashMap<String, Tensor>, anchor: &str) -> String {
-    let mut prefixes: Vec<&str> = tensors.keys().filter_map(|k| k.strip_suffix(anchor)).collect();
+    let mut prefixes: Vec<&str> =
+        tensors.keys().filter_map(|k| k.strip_suffix(anchor)).filter(|p| p.is_empty() || p.ends_with('.')).collect();
     prefixes.sort_by_key(|p| p.len());
     prefixes.first().map(|p| p.to_string()).unwrap_or_default()
 }

@@ -71,25 +71,32 @@ fn ramp(len: usize, blend: usize, ramp_start: bool, ramp_end: bool) -> Vec<f32> 
 
 /// Decodes `z` (B, C, H, W) tile by tile with `decode_tile`, which maps a latent tile to a
 /// (B, C', h·f, w·f) image tile; returns the blended (B, C', H·f, W·f) image on the CPU.
+/// `(y0, x0, height, width)` of every latent tile, row by row.
+pub(super) fn tile_rects(height: usize, width: usize, tiles: &TileConfig) -> Vec<(usize, usize, usize, usize)> {
+    let cols = tiles.origins(width);
+    tiles
+        .origins(height)
+        .into_iter()
+        .flat_map(|y0| cols.iter().map(move |&x0| (y0, x0, tiles.tile.min(height - y0), tiles.tile.min(width - x0))))
+        .collect()
+}
+
+/// Steps `first_step + 1 ..` of `total_steps` are reported to `progress`, one per tile.
 pub(super) fn decode(
     z: &Tensor,
     tiles: &TileConfig,
     factor: usize,
     progress: Progress,
+    (first_step, total_steps): (usize, usize),
     decode_tile: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> std::result::Result<Tensor, RunError> {
     let (batch, _, height, width) = z.dims4()?;
     let (out_h, out_w) = (height * factor, width * factor);
-    let rows = tiles.origins(height);
-    let cols = tiles.origins(width);
-    let total = rows.len() * cols.len();
     let blend = tiles.overlap * factor;
     let mut weight_sum = vec![0f32; out_h * out_w];
     let mut acc: Vec<f32> = Vec::new();
     let mut channels = 0;
-    for (done, (&y0, &x0)) in rows.iter().flat_map(|y| cols.iter().map(move |x| (y, x))).enumerate() {
-        let th = tiles.tile.min(height - y0);
-        let tw = tiles.tile.min(width - x0);
+    for (done, (y0, x0, th, tw)) in tile_rects(height, width, tiles).into_iter().enumerate() {
         let tile = z.narrow(2, y0, th)?.narrow(3, x0, tw)?.contiguous()?;
         let image = decode_tile(&tile)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let (_, c, ih, iw) = image.dims4()?;
@@ -126,7 +133,7 @@ pub(super) fn decode(
             }
         }
         drop(pixels);
-        progress::report(progress, done + 1, total)?;
+        progress::report(progress, first_step + done + 1, total_steps)?;
     }
     for plane in acc.chunks_mut(out_h * out_w) {
         for (v, &w) in plane.iter_mut().zip(&weight_sum) {
@@ -167,7 +174,8 @@ mod tests {
             t.upsample_nearest2d(2 * h, 2 * w)
         };
         let tiles = TileConfig { tile: 6, overlap: 2, auto_above: 0 };
-        let tiled = decode(&z, &tiles, 2, &mut progress::ignore, up).unwrap();
+        let n = tile_rects(13, 17, &tiles).len();
+        let tiled = decode(&z, &tiles, 2, &mut progress::ignore, (0, n), up).unwrap();
         let full = up(&z).unwrap();
         let diff = (tiled - full).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
@@ -186,7 +194,7 @@ mod tests {
                 Flow::Continue
             }
         };
-        let err = decode(&z, &tiles, 1, &mut stop_after_two, |t| Ok(t.clone())).unwrap_err();
+        let err = decode(&z, &tiles, 1, &mut stop_after_two, (0, 9), |t| Ok(t.clone())).unwrap_err();
         assert!(err.is_cancelled());
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[0].total, 9);
