@@ -3,7 +3,7 @@
 //! Every run writes to `--out DIR`: `checkpoint.safetensors` (resumable with `--resume`),
 //! `loss.jsonl` (one line per step), and at the end the exported model: `vae/` (a diffusers
 //! folder) for the autoencoder, `unet.safetensors` (EMA weights, config in the metadata) for a
-//! CFM hop or the base generator.
+//! CFM hop or the base generator, with its config as `unet.json` (the profile TOML's `config`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -373,7 +373,10 @@ fn finish_unet(trainer: &Trainer, config: &UNetConfig, run_args: &RunArgs, extra
     let weights: Vec<(String, Tensor)> = trainer.ema().context("UNet runs keep an EMA")?.weights().to_vec();
     let path = run_args.out.join("unet.safetensors");
     export_unet(&path, config, weights, extra)?;
-    eprintln!("EMA weights written to {}", path.display());
+    // The profile TOML names the config as its own JSON file.
+    let json_path = run_args.out.join("unet.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(config)? + "\n").with_context(|| json_path.display().to_string())?;
+    eprintln!("EMA weights written to {} (config {})", path.display(), json_path.display());
     Ok(())
 }
 
