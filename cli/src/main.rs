@@ -4,9 +4,11 @@
 
 mod client;
 mod bench;
+mod eval;
 mod golden;
 mod job_args;
 mod local;
+mod train;
 
 use std::process::ExitCode;
 
@@ -37,6 +39,10 @@ enum Command {
     Cancel(client::JobArgs),
     /// The cluster's status, or a job's.
     Status(client::StatusArgs),
+    /// Evaluate upscaling (PSNR/SSIM) on photo crops.
+    Eval(eval::Args),
+    /// Train the autoencoder, a CFM hop or the base generator on a folder of photos.
+    Train(train::Args),
     /// Micro-benchmarks; each prints one JSON line.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -54,6 +60,8 @@ fn main() -> ExitCode {
         Command::Cancel(args) => client::cancel(args),
         Command::Status(args) => client::status(args),
         Command::Bench(command) => bench::run(command),
+        Command::Eval(args) => eval::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -7,12 +7,16 @@
 //! - [`train`]: the trainer (autoencoder, CFM hops, base generator).
 //! - [`weights`]: safetensors/config loading with one error for all missing keys.
 //! - [`rng`]: seeded noise drawn on the CPU (see "Determinism" in the architecture doc).
+//! - [`pixels`]: 8-bit RGB photos: loading, area downsampling, crops, tensor conversion.
+//! - [`eval`]: PSNR/SSIM evaluation of upscalers on photo crops.
 
 pub mod autoencoder;
 pub mod base;
 pub mod cfm;
 pub mod device;
+pub mod eval;
 pub mod golden;
+pub mod pixels;
 pub mod progress;
 pub mod rng;
 pub mod train;
