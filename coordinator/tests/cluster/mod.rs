@@ -103,6 +103,8 @@ impl Drop for Proc {
 pub struct Options {
     /// Sleep time per step of every worker (`--profile sleep:STEP_MS`).
     pub step_ms: u64,
+    /// Serve the embedded `tiny` models instead of the `sleep` stand-in.
+    pub tiny: bool,
     pub max_queued: u64,
     pub token: Option<String>,
     pub max_upload_bytes: usize,
@@ -118,6 +120,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             step_ms: 5,
+            tiny: false,
             max_queued: 100,
             token: None,
             max_upload_bytes: 1 << 20,
@@ -195,7 +198,7 @@ impl Cluster {
             "--namespace".into(),
             self.namespace.clone(),
             "--profiles".into(),
-            "sleep".into(),
+            "sleep,tiny".into(),
             "--max-queued".into(),
             self.options.max_queued.to_string(),
             "--max-upload-bytes".into(),
@@ -231,7 +234,7 @@ impl Cluster {
             "--namespace".into(),
             self.namespace.clone(),
             "--profile".into(),
-            format!("sleep:{}", o.step_ms),
+            if o.tiny { "tiny".into() } else { format!("sleep:{}", o.step_ms) },
             "--idle-timeout-ms".into(),
             o.idle_timeout_ms.to_string(),
             "--heartbeat-ms".into(),
