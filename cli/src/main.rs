@@ -2,6 +2,7 @@
 //! trainer, the golden checks and the benchmarks. Each command lives in its own module; this
 //! file only dispatches.
 
+mod client;
 mod golden;
 
 use std::process::ExitCode;
@@ -19,12 +20,27 @@ struct Cli {
 enum Command {
     /// Run reference-vector files (shared/golden format) and compare against our models.
     CheckGolden(golden::Args),
+    /// Submit a job to the cluster (optionally following it and downloading the PNG).
+    Submit(client::SubmitArgs),
+    /// Follow a job's progress until it finishes.
+    Watch(client::JobArgs),
+    /// Download a finished job's PNG (and final latent).
+    Result(client::ResultArgs),
+    /// Cancel a job.
+    Cancel(client::JobArgs),
+    /// The cluster's status, or a job's.
+    Status(client::StatusArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckGolden(args) => golden::run(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Watch(args) => client::watch(args),
+        Command::Result(args) => client::result(args),
+        Command::Cancel(args) => client::cancel(args),
+        Command::Status(args) => client::status(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,407 @@
+//! The cluster client: `fmboost submit | watch | result | cancel | status`, over the
+//! coordinator's `Pipeline` gRPC API.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use fmboost_core::tensor::WireTensor;
+use fmboost_proto::v1 as pb;
+use fmboost_proto::v1::pipeline_client::PipelineClient;
+use indicatif::{ProgressBar, ProgressStyle};
+use prost::Message;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Largest message accepted from the coordinator (result chunks are at most 4 MiB).
+const MAX_RESPONSE_BYTES: usize = 8 << 20;
+
+#[derive(clap::Args, Debug)]
+pub struct Connection {
+    /// Coordinator address.
+    #[arg(long, env = "FMBOOST_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// File holding the bearer token, when the coordinator requires one.
+    #[arg(long, env = "FMBOOST_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Text prompt (the default source).
+    #[arg(long, default_value = "", conflicts_with_all = ["latent", "image"])]
+    prompt: String,
+    #[arg(long, default_value = "", conflicts_with_all = ["latent", "image"])]
+    negative_prompt: String,
+    /// Start the CFM chain from a latent: a file holding a protobuf `fmboost.v1.Tensor`
+    /// (as written by `fmboost result --latent-out`).
+    #[arg(long, conflicts_with = "image")]
+    latent: Option<PathBuf>,
+    /// Super-resolve a PNG or JPEG image: encode, CFM hops, decode.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Base image width in pixels (text prompts; default 512).
+    #[arg(long)]
+    width: Option<u32>,
+    /// Base image height in pixels (text prompts; default 512).
+    #[arg(long)]
+    height: Option<u32>,
+    /// Base diffusion steps (text prompts; default 25).
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Base scheduler: ddim, euler_a or lcm (text prompts; default ddim).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Classifier-free guidance scale (text prompts; default 7.5).
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// CFM hops, each 2× the latent size.
+    #[arg(long, default_value_t = 2)]
+    hops: u32,
+    /// CFM ODE solver: euler, midpoint, heun or rk4 (default euler; needs --hops > 0).
+    #[arg(long)]
+    cfm_solver: Option<String>,
+    /// CFM solver steps (default 40; needs --hops > 0).
+    #[arg(long)]
+    cfm_steps: Option<u32>,
+    /// Decoder tile size in latent pixels; 0 decodes in one piece.
+    #[arg(long, default_value_t = 0)]
+    tile: u32,
+    #[arg(long, default_value_t = 0)]
+    tile_overlap: u32,
+    /// Model profile the cluster serves.
+    #[arg(long, default_value = "tiny")]
+    profile: String,
+    #[arg(long, value_enum, default_value_t = PriorityArg::Normal)]
+    priority: PriorityArg,
+    /// Fail the job if it has not finished starting its stages within this many seconds.
+    #[arg(long)]
+    deadline_secs: Option<u64>,
+    /// Submitting again with the same key returns the first job.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Follow the job to the end with a progress bar (and write --out).
+    #[arg(long)]
+    wait: bool,
+    /// Where to write the PNG (needs --wait).
+    #[arg(long, requires = "wait")]
+    out: Option<PathBuf>,
+    /// Where to write the final latent as a protobuf Tensor (needs --wait).
+    #[arg(long, requires = "wait")]
+    latent_out: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PriorityArg {
+    Low,
+    Normal,
+    High,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    #[command(flatten)]
+    connection: Connection,
+    job_id: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ResultArgs {
+    #[command(flatten)]
+    connection: Connection,
+    job_id: String,
+    /// Where to write the PNG.
+    #[arg(long)]
+    out: PathBuf,
+    /// Where to write the final latent as a protobuf Tensor.
+    #[arg(long)]
+    latent_out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// A job to describe; without it, the cluster's status.
+    job_id: Option<String>,
+}
+
+#[derive(Clone)]
+struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = PipelineClient<InterceptedService<Channel, BearerToken>>;
+
+async fn connect(connection: &Connection) -> anyhow::Result<Client> {
+    let token = match &connection.token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
+            let header = format!("Bearer {}", token.trim());
+            Some(header.parse().with_context(|| format!("--token-file {}: not a valid header value", path.display()))?)
+        }
+        None => None,
+    };
+    let channel = Channel::from_shared(connection.addr.clone())
+        .with_context(|| format!("--addr {}: not a valid URI", connection.addr))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the coordinator at {}", connection.addr))?;
+    Ok(PipelineClient::with_interceptor(channel, BearerToken(token)).max_decoding_message_size(MAX_RESPONSE_BYTES))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn status_error(what: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {:?}: {}", status.code(), status.message())
+}
+
+impl SubmitArgs {
+    fn spec(&self) -> anyhow::Result<pb::JobSpec> {
+        use pb::job_spec::Source;
+        let text_only = [
+            ("--width", self.width.is_some()),
+            ("--height", self.height.is_some()),
+            ("--steps", self.steps.is_some()),
+            ("--scheduler", self.scheduler.is_some()),
+            ("--guidance", self.guidance.is_some()),
+        ];
+        let (source, base) = if let Some(path) = &self.latent {
+            reject_flags(&text_only, "--latent")?;
+            let bytes = std::fs::read(path).with_context(|| format!("--latent {}", path.display()))?;
+            let tensor = pb::Tensor::decode(bytes.as_slice()).with_context(|| format!("--latent {}: not a protobuf Tensor", path.display()))?;
+            (Source::Latent(tensor), None)
+        } else if let Some(path) = &self.image {
+            reject_flags(&text_only, "--image")?;
+            let data = std::fs::read(path).with_context(|| format!("--image {}", path.display()))?;
+            (Source::Image(pb::ImageSource { data }), None)
+        } else {
+            let text = pb::TextSource { prompt: self.prompt.clone(), negative_prompt: self.negative_prompt.clone() };
+            let base = pb::BaseSettings {
+                width: self.width.unwrap_or(512),
+                height: self.height.unwrap_or(512),
+                steps: self.steps.unwrap_or(25),
+                scheduler: self.scheduler.clone().unwrap_or_else(|| "ddim".into()),
+                guidance: self.guidance.unwrap_or(7.5),
+            };
+            (Source::Text(text), Some(base))
+        };
+        let cfm = if self.hops == 0 {
+            reject_flags(&[("--cfm-solver", self.cfm_solver.is_some()), ("--cfm-steps", self.cfm_steps.is_some())], "--hops 0")?;
+            pb::CfmSettings::default()
+        } else {
+            pb::CfmSettings {
+                hops: self.hops,
+                solver: self.cfm_solver.clone().unwrap_or_else(|| "euler".into()),
+                steps: self.cfm_steps.unwrap_or(40),
+            }
+        };
+        let priority = match self.priority {
+            PriorityArg::Low => pb::Priority::Low,
+            PriorityArg::Normal => pb::Priority::Normal,
+            PriorityArg::High => pb::Priority::High,
+        };
+        let deadline_unix_ms = self.deadline_secs.map_or(0, |secs| fmboost_core::now_unix_ms() + secs * 1000);
+        Ok(pb::JobSpec {
+            source: Some(source),
+            seed: self.seed,
+            base,
+            cfm: Some(cfm),
+            decode: Some(pb::DecodeSettings { tile: self.tile, overlap: self.tile_overlap }),
+            profile: self.profile.clone(),
+            priority: priority as i32,
+            deadline_unix_ms,
+            idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
+        })
+    }
+}
+
+fn reject_flags(flags: &[(&str, bool)], context: &str) -> anyhow::Result<()> {
+    match flags.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => bail!("{flag} does not apply with {context}"),
+        None => Ok(()),
+    }
+}
+
+pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let spec = args.spec()?;
+    runtime()?.block_on(async {
+        let mut client = connect(&args.connection).await?;
+        let response = client.submit(pb::SubmitRequest { spec: Some(spec) }).await.map_err(|s| status_error("submit", s))?.into_inner();
+        if !args.wait {
+            println!("{}", response.job_id);
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("job {}{}", response.job_id, if response.created { "" } else { " (existing, same idempotency key)" });
+        let outcome = follow(&mut client, &response.job_id).await?;
+        if let Some(code) = outcome {
+            return Ok(code);
+        }
+        if let Some(out) = &args.out {
+            download(&mut client, &response.job_id, out, args.latent_out.as_deref()).await?;
+        }
+        println!("{}", response.job_id);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn watch(args: JobArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut client = connect(&args.connection).await?;
+        Ok(follow(&mut client, &args.job_id).await?.unwrap_or(ExitCode::SUCCESS))
+    })
+}
+
+pub fn result(args: ResultArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut client = connect(&args.connection).await?;
+        download(&mut client, &args.job_id, &args.out, args.latent_out.as_deref()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn cancel(args: JobArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut client = connect(&args.connection).await?;
+        let request = pb::CancelRequest { job_id: args.job_id.clone() };
+        let response = client.cancel(request).await.map_err(|s| status_error("cancel", s))?.into_inner();
+        println!("{} {}", args.job_id, state_name(response.state));
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let mut client = connect(&args.connection).await?;
+        if let Some(job_id) = args.job_id {
+            let job = client.get_job(pb::GetJobRequest { job_id }).await.map_err(|s| status_error("get job", s))?.into_inner();
+            let at = job.at.map(|at| format!(" at {}", stage_label(&at))).unwrap_or_default();
+            println!("{} {}{at}", job.job_id, state_name(job.state));
+            if !job.error.is_empty() {
+                println!("error: {}", job.error);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let status = client.cluster_status(pb::ClusterStatusRequest {}).await.map_err(|s| status_error("cluster status", s))?.into_inner();
+        println!("active jobs: {} (max {})", status.active_jobs, status.max_queued);
+        println!("{:<10} {:>8} {:>10} {:>8} {:>12}", "stage", "queued", "in-flight", "workers", "dead-letters");
+        for stage in status.stages {
+            let name = pb::Stage::try_from(stage.stage).map(|s| s.as_str_name().trim_start_matches("STAGE_").to_lowercase()).unwrap_or_default();
+            println!("{name:<10} {:>8} {:>10} {:>8} {:>12}", stage.queued, stage.in_flight, stage.live_workers, stage.dead_letters);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn state_name(state: i32) -> String {
+    pb::JobState::try_from(state).map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_lowercase()).unwrap_or_else(|_| state.to_string())
+}
+
+fn stage_label(at: &pb::StageRef) -> String {
+    match pb::Stage::try_from(at.stage) {
+        Ok(pb::Stage::Cfm) => format!("cfm hop {}", at.hop),
+        Ok(stage) => stage.as_str_name().trim_start_matches("STAGE_").to_lowercase(),
+        Err(_) => format!("stage {}", at.stage),
+    }
+}
+
+/// Follows Watch to the terminal event with a progress bar. None when completed, else the
+/// exit code for failed/cancelled.
+async fn follow(client: &mut Client, job_id: &str) -> anyhow::Result<Option<ExitCode>> {
+    use pb::job_event::Event;
+    let mut events = client.watch(pb::WatchRequest { job_id: job_id.to_string() }).await.map_err(|s| status_error("watch", s))?.into_inner();
+    let bar = ProgressBar::new(1);
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg:<28} [{bar:30}] {pos}/{len} {elapsed}").expect("valid template"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    while let Some(event) = events.message().await.map_err(|s| status_error("watch", s))? {
+        match event.event {
+            Some(Event::Queued(q)) => bar.set_message(format!("queued for {} (#{})", q.at.as_ref().map(stage_label).unwrap_or_default(), q.position)),
+            Some(Event::StageStarted(s)) => {
+                bar.set_message(s.at.as_ref().map(stage_label).unwrap_or_default());
+                bar.set_position(0);
+            }
+            Some(Event::Step(step)) => {
+                bar.set_message(step.at.as_ref().map(stage_label).unwrap_or_default());
+                bar.set_length(step.total as u64);
+                bar.set_position(step.step as u64);
+            }
+            Some(Event::StageFinished(f)) => {
+                let at = f.at.as_ref().map(stage_label).unwrap_or_default();
+                bar.println(format!("{at}: done in {} ms (queued {} ms, batch of {})", f.service_ms, f.queue_wait_ms, f.batch_size));
+            }
+            Some(Event::Completed(c)) => {
+                bar.finish_and_clear();
+                eprintln!("completed: {} bytes of PNG", c.png_bytes);
+                return Ok(None);
+            }
+            Some(Event::Failed(f)) => {
+                bar.finish_and_clear();
+                eprintln!("job {job_id} failed: {}", f.reason);
+                return Ok(Some(ExitCode::FAILURE));
+            }
+            Some(Event::Cancelled(_)) => {
+                bar.finish_and_clear();
+                eprintln!("job {job_id} was cancelled");
+                return Ok(Some(ExitCode::FAILURE));
+            }
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    bail!("the watch of job {job_id} ended before the job finished")
+}
+
+/// Streams the result and writes the PNG (and the final latent when asked).
+async fn download(client: &mut Client, job_id: &str, out: &Path, latent_out: Option<&Path>) -> anyhow::Result<()> {
+    use pb::result_chunk::Part;
+    let request = pb::GetResultRequest { job_id: job_id.to_string(), include_latent: latent_out.is_some(), chunk_bytes: 0 };
+    let mut chunks = client.get_result(request).await.map_err(|s| status_error("get result", s))?.into_inner();
+    let mut png = Vec::new();
+    let mut latent: Option<pb::Tensor> = None;
+    while let Some(chunk) = chunks.message().await.map_err(|s| status_error("get result", s))? {
+        match chunk.part {
+            Some(Part::Png(part)) => {
+                if part.offset != png.len() as u64 {
+                    bail!("PNG chunk at offset {} after {} bytes", part.offset, png.len());
+                }
+                png.extend_from_slice(&part.data);
+            }
+            Some(Part::Latent(part)) => {
+                let tensor = latent.get_or_insert_with(|| pb::Tensor { dtype: part.dtype, shape: part.shape.clone(), data: Vec::new(), crc32c: part.crc32c });
+                if part.offset != tensor.data.len() as u64 {
+                    bail!("latent chunk at offset {} after {} bytes", part.offset, tensor.data.len());
+                }
+                tensor.data.extend_from_slice(&part.data);
+            }
+            None => {}
+        }
+    }
+    if png.is_empty() {
+        bail!("the result of job {job_id} had no PNG");
+    }
+    std::fs::write(out, &png).with_context(|| format!("--out {}", out.display()))?;
+    eprintln!("wrote {} ({} bytes)", out.display(), png.len());
+    if let Some(path) = latent_out {
+        let tensor = latent.with_context(|| format!("the result of job {job_id} had no latent"))?;
+        let checked = WireTensor::from_proto(tensor).context("downloaded latent")?;
+        std::fs::write(path, checked.to_proto().encode_to_vec()).with_context(|| format!("--latent-out {}", path.display()))?;
+        eprintln!("wrote {} (latent {:?})", path.display(), checked.shape);
+    }
+    Ok(())
+}

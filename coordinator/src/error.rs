@@ -1,0 +1,59 @@
+//! Typed API errors and their gRPC status codes.
+
+use fmboost_core::spec::ValidationError;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    #[error("queue full: {active} jobs admitted and unfinished (--max-queued {max})")]
+    QueueFull { active: u64, max: u64 },
+    #[error("unknown job id {0:?}")]
+    NotFound(String),
+    #[error("job {job_id} is {state}; its result exists once it has completed")]
+    NotCompleted { job_id: String, state: String },
+    #[error("the result of job {0} has expired")]
+    ResultExpired(String),
+    #[error("Redis unavailable: {0:#}")]
+    Unavailable(anyhow::Error),
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(err: redis::RedisError) -> Self {
+        if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() || err.is_connection_refusal() {
+            ApiError::Unavailable(err.into())
+        } else {
+            ApiError::Internal(err.into())
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Status {
+        let message = err.to_string();
+        match err {
+            ApiError::Invalid(_) => Status::invalid_argument(message),
+            ApiError::QueueFull { .. } => Status::resource_exhausted(message),
+            ApiError::NotFound(_) | ApiError::ResultExpired(_) => Status::not_found(message),
+            ApiError::NotCompleted { .. } => Status::failed_precondition(message),
+            ApiError::Unavailable(_) => Status::unavailable(message),
+            ApiError::Internal(_) => {
+                tracing::error!("{message}");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// Checks a job id argument: present and of a plausible form (unknown ids are NOT_FOUND later).
+pub fn check_job_id(job_id: &str) -> Result<(), ApiError> {
+    let plausible = !job_id.is_empty() && job_id.len() <= 64 && job_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if plausible {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(ValidationError { field: "job_id".into(), message: format!("{job_id:?} is not a job id") }))
+    }
+}
