@@ -108,7 +108,7 @@ impl Report {
                 ProbeOutcome::Error(_) => probes.errors += 1,
             }
         }
-        let fault_times: Vec<Duration> = faults.iter().map(|f| f.at).collect();
+        let fault_windows: Vec<(Duration, Duration)> = faults.iter().map(|f| (f.at, f.at + f.took)).collect();
         let fault_reports = faults
             .iter()
             .map(|f| FaultReport {
@@ -141,7 +141,7 @@ impl Report {
             checksums,
             idempotency_probes: probes,
             failure_reasons: stats::failure_reasons(records),
-            fault_impact: (!faults.is_empty()).then(|| stats::fault_impact(records, &fault_times)),
+            fault_impact: (!faults.is_empty()).then(|| stats::fault_impact(records, &fault_windows)),
             faults: fault_reports,
             unexpected_exits,
             active_jobs_after,

@@ -298,7 +298,8 @@ fn throughput_back(completions: &[Duration], fault_at: Duration) -> Option<f64> 
     None
 }
 
-/// Latency of jobs in flight at some fault against the others.
+/// Latency of jobs in flight during some fault (from the kill until the process was back)
+/// against the others.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FaultImpact {
     pub jobs_during_faults: u64,
@@ -308,11 +309,12 @@ pub struct FaultImpact {
     pub p99_inflation: Option<f64>,
 }
 
-pub fn fault_impact(records: &[JobRecord], faults: &[Duration]) -> FaultImpact {
+/// `faults`: (start, end) of each fault's window.
+pub fn fault_impact(records: &[JobRecord], faults: &[(Duration, Duration)]) -> FaultImpact {
     let (mut during, mut other) = (Vec::new(), Vec::new());
     for record in records {
         let (Some(latency), Some((_, end))) = (record.latency(), record.terminal.as_ref()) else { continue };
-        if faults.iter().any(|&f| record.intended <= f && f <= *end) {
+        if faults.iter().any(|&(from, to)| record.intended <= to && from <= *end) {
             during.push(latency);
         } else {
             other.push(latency);

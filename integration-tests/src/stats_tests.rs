@@ -130,9 +130,12 @@ fn p99_inflation_compares_jobs_spanning_a_fault() {
     let mut records: Vec<JobRecord> = (0..100).map(|i| completed(i, &format!("j{i}"), i * 100, i * 100 + 8)).collect();
     records.retain(|r| r.intended != ms(5000));
     records.push(completed(100, "slow", 4990, 4990 + 1024));
-    let impact = fault_impact(&records, &[ms(5000)]);
+    let impact = fault_impact(&records, &[(ms(5000), ms(5000))]);
     assert_eq!(impact.jobs_during_faults, 1);
     assert_eq!(impact.latency_during_faults_ms.p99, 1024.0);
     assert_eq!(impact.latency_other_ms.p99, 8.0);
     assert_eq!(impact.p99_inflation, Some(128.0));
+    // A window (a restart's downtime) also takes in the jobs sent during it.
+    let impact = fault_impact(&records, &[(ms(5000), ms(5150))]);
+    assert_eq!(impact.jobs_during_faults, 2, "the slow job and the one sent at 5.1 s");
 }
