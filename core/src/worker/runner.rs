@@ -178,13 +178,16 @@ async fn report(ctx: &WorkerContext, p: &Prepared, result: Result<StageOutput, S
     use ipb::stage_event::Kind;
     let (outcome, kind, blob) = match result {
         Ok(output) => {
-            let payload = match output {
-                StageOutput::Latent(tensor) => ipb::blob_payload::Payload::Latent(tensor.to_proto()),
-                StageOutput::Image { png } => ipb::blob_payload::Payload::Image(png),
+            let (payload, output_bytes) = match output {
+                StageOutput::Latent(tensor) => (ipb::blob_payload::Payload::Latent(tensor.to_proto()), tensor.data.len()),
+                StageOutput::Image { png } => {
+                    let size = png.len();
+                    (ipb::blob_payload::Payload::Image(png), size)
+                }
             };
             let bytes = ipb::BlobPayload { payload: Some(payload) }.encode_to_vec();
             let key = ctx.keys.output_blob(&p.task.job_id, p.at, p.attempt);
-            let done = ipb::Done { output_blob: key.clone(), queue_wait_ms: p.queue_wait_ms, service_ms, batch_size, output_bytes: bytes.len() as u64 };
+            let done = ipb::Done { output_blob: key.clone(), queue_wait_ms: p.queue_wait_ms, service_ms, batch_size, output_bytes: output_bytes as u64 };
             ("done", Kind::Done(done), Some((key, bytes)))
         }
         Err(StageError::Cancelled) => ("cancelled", Kind::Cancelled(ipb::TaskCancelled {}), None),
