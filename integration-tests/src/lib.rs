@@ -183,7 +183,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         workers: args.local.then(|| StageKind::ALL.iter().map(|&k| (k.name().to_string(), args.workers.get(k))).collect::<BTreeMap<_, _>>()),
         hops: template.spec.cfm.as_ref().map_or(0, |c| c.hops),
         seeds: template.seeds,
-        submit_span_s: outcome.submit_span.as_secs_f64(),
+        submit_span_s: (outcome.submit_span.as_secs_f64() * 1000.0).round() / 1000.0,
         duration_s: 0.0,
         drain_expired: outcome.drain_expired,
     };

@@ -99,10 +99,9 @@ impl JobRecord {
         self.is_accepted() && matches!(self.terminal, None | Some((Terminal::Vanished, _)))
     }
 
-    /// End-to-end latency: intended send to the observed terminal state.
+    /// End-to-end latency of a completed job: intended send to the observed completion.
     pub fn latency(&self) -> Option<Duration> {
-        let (_, at) = self.terminal.as_ref()?;
-        Some(at.saturating_sub(self.intended))
+        Some(self.completed_at()?.saturating_sub(self.intended))
     }
 
     pub fn completed_at(&self) -> Option<Duration> {

@@ -55,7 +55,7 @@ pub struct Report {
     pub checksum_mismatches: u64,
     /// Completed jobs per second of the run (start to the last terminal state).
     pub throughput_jobs_per_s: f64,
-    /// End to end: intended send time to the terminal state.
+    /// Completed jobs, end to end: intended send time to the observed completion.
     pub latency_ms: Distribution,
     /// Every error status received (retried attempts included), by code.
     pub errors: BTreeMap<String, u64>,
