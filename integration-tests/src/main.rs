@@ -1,6 +1,7 @@
 //! `fmboost-loadtest`: see the crate docs and docs/loadtest.md. Exit status: 0 when the run
-//! is clean, 1 when it lost jobs, mismatched checksums, duplicated jobs or saw a crash, 2 when
-//! the harness itself failed (bad flags, a cluster that would not start, an interruption).
+//! is clean, 1 when it lost jobs, mismatched checksums, duplicated jobs, saw a crash or got no
+//! job admitted at all, 2 when the harness itself failed (bad flags, a cluster that would not
+//! start, an interruption).
 
 use std::process::ExitCode;
 

@@ -74,7 +74,8 @@ pub struct Report {
     /// whether or not the harness knows their id).
     pub active_jobs_after: Option<u64>,
     pub run: RunInfo,
-    /// Why the run fails (exit status 1): lost jobs, checksum mismatches, duplicates, crashes.
+    /// Why the run fails (exit status 1): nothing admitted, lost jobs, checksum mismatches,
+    /// duplicates, crashes.
     pub problems: Vec<String>,
 }
 
@@ -120,6 +121,9 @@ impl Report {
             })
             .collect();
         let mut problems = Vec::new();
+        if counts.submitted == 0 {
+            problems.push("no job was admitted: the run measured nothing".to_string());
+        }
         if counts.lost > 0 {
             problems.push(format!("{} job(s) lost: admitted and never seen finished", counts.lost));
         }
@@ -282,5 +286,21 @@ mod tests {
         assert!(json["stages"].is_object());
         assert_eq!(report.problems.len(), 1);
         assert!(report.markdown().contains("FAILED: 1 job(s) lost"));
+    }
+
+    #[test]
+    fn a_run_without_admitted_jobs_fails() {
+        let mut shed = JobRecord::new(0, 0, Duration::ZERO);
+        shed.submit = SubmitOutcome::Shed;
+        let report = Report::build(ReportInput {
+            records: &[shed],
+            errors: (BTreeMap::new(), BTreeMap::new()),
+            faults: &[],
+            unexpected_exits: vec![],
+            active_jobs_after: None,
+            run: run_info(),
+        });
+        assert_eq!(report.counts.shed, 1);
+        assert_eq!(report.problems, ["no job was admitted: the run measured nothing"]);
     }
 }
