@@ -54,7 +54,8 @@ pub struct JobRecord {
     /// When it was meant to be sent (open loop: the schedule; closed loop: when sent).
     pub intended: Duration,
     pub submit: SubmitOutcome,
-    /// Server time of the accepted Submit's answer, to measure the first stage's hop from.
+    /// When the accepted Submit's answer arrived (client clock, Unix ms), to measure the first
+    /// stage's hop from.
     pub accepted_unix_ms: Option<u64>,
     pub terminal: Option<(Terminal, Duration)>,
     /// StageFinished events in arrival order, one per (stage, hop).

@@ -187,8 +187,9 @@ pub struct StageTimings {
     pub queue_wait_ms: Distribution,
     /// From the worker: compute time of the batch.
     pub service_ms: Distribution,
-    /// Server time from the previous stage's end (or Submit's answer) to this stage's end:
-    /// queue wait + service + the coordinator's routing. Only where both events were seen.
+    /// From the previous stage's end to this stage's end (the events' server timestamps; for
+    /// the first stage, from the client's receipt of Submit's answer): queue wait + service +
+    /// the coordinator's routing. Only where both ends were seen.
     pub hop_ms: Distribution,
 }
 
