@@ -27,7 +27,8 @@ async fn bad_input_gets_a_clear_status_and_harms_nothing() {
         mutate(&mut spec);
         cluster.authorize(tonic::Request::new(pb::SubmitRequest { spec: Some(spec) }))
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut pb::JobSpec)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut pb::JobSpec)>;
+    let cases: Vec<(&str, Mutation, &str)> = vec![
         ("size not divisible by 8", Box::new(|s| s.base.as_mut().unwrap().width = 100), "base.width"),
         ("zero steps", Box::new(|s| s.base.as_mut().unwrap().steps = 0), "base.steps"),
         ("absurd steps", Box::new(|s| s.base.as_mut().unwrap().steps = 1_000_000), "base.steps"),

@@ -151,3 +151,80 @@ async fn reflection_lists_the_services() {
     let status = health.check(check).await.expect("health check").into_inner().status;
     assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn higher_priority_runs_first() {
+    // 2 steps of 20 ms each: one job at a time through one worker per stage.
+    let mut cluster = Cluster::start(Options { workers: [0, 0, 0], step_ms: 20, ..Options::default() });
+    let mut client = cluster.client().await;
+    let mut jobs = Vec::new();
+    for priority in [pb::Priority::Low, pb::Priority::Normal, pb::Priority::High] {
+        let spec = pb::JobSpec { priority: priority as i32, ..text_spec(1, 2, 0, 0) };
+        jobs.push(submit(&cluster, &mut client, spec).await);
+    }
+    let position = |client: &mut pb::pipeline_client::PipelineClient<tonic::transport::Channel>, job: String| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = client.watch(pb::WatchRequest { job_id: job }).await.unwrap().into_inner();
+            match stream.message().await.unwrap().unwrap().event {
+                Some(pb::job_event::Event::Queued(q)) => q.position,
+                other => panic!("expected queued, got {other:?}"),
+            }
+        }
+    };
+    let positions = [position(&mut client, jobs[0].clone()).await, position(&mut client, jobs[1].clone()).await, position(&mut client, jobs[2].clone()).await];
+    assert_eq!(positions, [2, 1, 0], "low waits behind normal and high");
+    for stage in cluster::STAGES {
+        cluster.start_worker(stage);
+    }
+    let mut finished = Vec::new();
+    for job in &jobs {
+        watch_to_end(&cluster, &mut client, job).await;
+        let info = client.get_job(pb::GetJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
+        assert_eq!(info.state, pb::JobState::Completed as i32);
+        finished.push(info.updated_unix_ms);
+    }
+    assert!(finished[2] < finished[1] && finished[1] < finished[0], "completion times high < normal < low: {finished:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_source_is_encoded_lifted_and_decoded() {
+    let cluster = Cluster::start(Options::default());
+    cluster.wait_for_workers([1, 1, 1]).await;
+    let mut client = cluster.client().await;
+    let mut input = Vec::new();
+    image::RgbImage::from_fn(40, 24, |x, y| image::Rgb([x as u8 * 6, y as u8 * 10, 128]))
+        .write_to(&mut std::io::Cursor::new(&mut input), image::ImageFormat::Png)
+        .unwrap();
+    let spec = pb::JobSpec { source: Some(pb::job_spec::Source::Image(pb::ImageSource { data: input })), base: None, ..text_spec(9, 1, 1, 2) };
+    let job = submit(&cluster, &mut client, spec).await;
+    let events = watch_to_end(&cluster, &mut client, &job).await;
+    assert!(matches!(terminal(&events), pb::job_event::Event::Completed(_)), "{events:?}");
+    // 40x24 px → 5x3 latent → one hop → 10x6 → 80x48 px.
+    assert_eq!(png_size(&result(&cluster, &mut client, &job, false).await.0), (80, 48));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_serve_health_and_metrics() {
+    let mut cluster = Cluster::start(Options { workers: [1, 0, 1], ..Options::default() });
+    let (health_addr, metrics_addr) = (cluster::free_addr(), cluster::free_addr());
+    let flags = ["--health-listen".to_string(), health_addr.to_string(), "--metrics-listen".into(), metrics_addr.to_string()];
+    cluster.start_worker_with("cfm", &flags);
+    cluster.wait_for_workers([1, 1, 1]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{health_addr}")).unwrap().connect().await.expect("worker health port");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status;
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let mut client = cluster.client().await;
+    let job = submit(&cluster, &mut client, text_spec(4, 2, 2, 3)).await;
+    assert!(matches!(terminal(&watch_to_end(&cluster, &mut client, &job).await), pb::job_event::Event::Completed(_)));
+    let metrics = cluster::http_get_metrics(metrics_addr).await;
+    for name in [
+        "fmboost_worker_tasks_total{outcome=\"done\",stage=\"cfm\"} 2",
+        "fmboost_worker_service_seconds_count{stage=\"cfm\"} 2",
+        "fmboost_worker_queue_wait_seconds_bucket{stage=\"cfm\"",
+        "fmboost_worker_batch_size_count{stage=\"cfm\"} 2",
+    ] {
+        assert!(metrics.contains(name), "worker /metrics lacks {name}:\n{metrics}");
+    }
+}

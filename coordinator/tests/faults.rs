@@ -185,3 +185,24 @@ async fn missing_or_corrupt_input_blob_fails_the_job_with_the_reason() {
         assert!(info.error.contains(want), "{}", info.error);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_serve_one_cluster() {
+    let mut cluster = Cluster::start(Options::default());
+    let (_replica, replica_addr) = cluster.start_replica();
+    cluster.wait_for_workers([1, 1, 1]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{replica_addr}")).unwrap().connect().await.unwrap();
+    let mut replica = pb::pipeline_client::PipelineClient::new(channel);
+    let mut client = cluster.client().await;
+    let mut jobs = Vec::new();
+    for seed in 0..6 {
+        // Submitted alternately to each replica, watched on the other.
+        let target = if seed % 2 == 0 { &mut client } else { &mut replica };
+        jobs.push(submit(&cluster, target, text_spec(seed, 2, 1, 2)).await);
+    }
+    for (i, job) in jobs.iter().enumerate() {
+        let watcher = if i % 2 == 0 { &mut replica } else { &mut client };
+        let events = watch_to_end(&cluster, watcher, job).await;
+        assert!(matches!(terminal(&events), Event::Completed(_)), "{events:?}");
+    }
+}

@@ -251,7 +251,7 @@ fn parse(spec: pb::JobSpec, limits: Option<&Limits>) -> Result<(JobSpec, Option<
         return Err(invalid("profile", "required"));
     }
     if let Some(limits) = limits {
-        if !limits.profiles.iter().any(|p| *p == spec.profile) {
+        if !limits.profiles.contains(&spec.profile) {
             return Err(invalid("profile", format!("unknown profile {:?} (served: {})", spec.profile, limits.profiles.join(", "))));
         }
         if spec.idempotency_key.len() > 200 {
@@ -364,7 +364,7 @@ fn parse_image(data: Vec<u8>, limits: Option<&Limits>) -> Result<(Source, Option
 
 fn check_side(parent: &str, name: &str, value: u32, max: u32) -> Result<(), ValidationError> {
     let field = format!("{parent}.{name}");
-    if value == 0 || value % 8 != 0 {
+    if value == 0 || !value.is_multiple_of(8) {
         return Err(invalid(&field, format!("must be a positive multiple of 8, got {value}")));
     }
     if value > max {

@@ -176,9 +176,20 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self) {
+        let (proc, _) = self.spawn_coordinator(self.addr);
+        self.coordinator = Some(proc);
+    }
+
+    /// Starts another coordinator replica on a new port; returns it and its address.
+    pub fn start_replica(&mut self) -> (Proc, SocketAddr) {
+        self.spawn_coordinator(SocketAddr::from(([127, 0, 0, 1], free_port())))
+    }
+
+    fn spawn_coordinator(&mut self, addr: SocketAddr) -> (Proc, SocketAddr) {
+        let metrics_addr = if addr == self.addr { self.metrics_addr } else { SocketAddr::from(([127, 0, 0, 1], free_port())) };
         let mut args = vec![
             "--listen".into(),
-            self.addr.to_string(),
+            addr.to_string(),
             "--redis".into(),
             self.redis_url.clone(),
             "--namespace".into(),
@@ -190,7 +201,7 @@ impl Cluster {
             "--max-upload-bytes".into(),
             self.options.max_upload_bytes.to_string(),
             "--metrics-listen".into(),
-            self.metrics_addr.to_string(),
+            metrics_addr.to_string(),
             "--event-claim-idle-ms".into(),
             "1000".into(),
         ];
@@ -202,14 +213,19 @@ impl Cluster {
         self.spawned += 1;
         let name = format!("coordinator-{}", self.spawned);
         let proc = Proc::spawn(&name, &binary("fmboost-coordinator"), &args, self.dir.path());
-        wait_for_port(self.addr, "the coordinator");
-        self.coordinator = Some(proc);
+        wait_for_port(addr, "the coordinator");
+        (proc, addr)
     }
 
     /// Starts a worker of `stage`; returns its index in `workers`.
     pub fn start_worker(&mut self, stage: &str) -> usize {
+        self.start_worker_with(stage, &[])
+    }
+
+    /// Starts a worker of `stage` with extra flags.
+    pub fn start_worker_with(&mut self, stage: &str, extra: &[String]) -> usize {
         let o = &self.options;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--redis".into(),
             self.redis_url.clone(),
             "--namespace".into(),
@@ -227,6 +243,7 @@ impl Cluster {
             "--batch-wait-ms".into(),
             o.batch_wait_ms.to_string(),
         ];
+        args.extend_from_slice(extra);
         self.spawned += 1;
         let name = format!("worker-{stage}-{}", self.spawned);
         let proc = Proc::spawn(&name, &binary(&format!("fmboost-worker-{stage}")), &args, self.dir.path());
@@ -276,12 +293,7 @@ impl Cluster {
     }
 
     pub async fn metrics(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr).await.expect("connect to metrics");
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("request");
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.expect("response");
-        body
+        http_get_metrics(self.metrics_addr).await
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
@@ -312,6 +324,21 @@ fn which_redis() -> PathBuf {
     candidates.into_iter().chain([PathBuf::from("/usr/bin/redis-server")]).find(|p| p.exists()).expect(
         "redis-server not found on PATH: install Debian's redis-server package (./scripts/test.sh does) — these tests never skip",
     )
+}
+
+/// GET http://ADDR/metrics.
+pub async fn http_get_metrics(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to metrics");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body
+}
+
+/// A free loopback address.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// A text-prompt spec on the sleep profile: 64² px base → 8² latent, `hops` CFM hops.
