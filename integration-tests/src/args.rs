@@ -1,4 +1,5 @@
-//! Command-line flags of `fmboost-loadtest` and their checked form, [`Plan`].
+//! Command-line flags of `fmboost-loadtest` and their checks. Flags that act on the local
+//! cluster conflict with `--target`, so none is accepted and ignored against a remote cluster.
 //!
 //! Value syntaxes: durations `500ms`, `10s`, `2m`; `--workers diffusion=1,cfm=2,decoder=1`;
 //! `--kill STAGE:every=D` or `STAGE:at=D`; `--restart-coordinator at=D[,down=D]` (same for
@@ -28,34 +29,34 @@ pub struct Args {
     #[arg(long)]
     pub local: bool,
     /// Worker processes per stage (local mode).
-    #[arg(long, default_value = "diffusion=1,cfm=2,decoder=1", value_parser = parse_workers)]
+    #[arg(long, default_value = "diffusion=1,cfm=2,decoder=1", value_parser = parse_workers, conflicts_with = "target")]
     pub workers: WorkerCounts,
     /// Directory holding fmboost-coordinator and fmboost-worker-*; default: this binary's directory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "target")]
     pub bin_dir: Option<PathBuf>,
     /// The redis-server executable (local mode).
-    #[arg(long, default_value = "redis-server")]
+    #[arg(long, default_value = "redis-server", conflicts_with = "target")]
     pub redis_server: PathBuf,
     /// `--profile` given to the workers (local mode), e.g. `sleep:20`; default: the job's profile.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "target")]
     pub worker_profile: Option<String>,
     /// Workers' `--max-batch` (local mode).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, conflicts_with = "target")]
     pub max_batch: u32,
     /// Workers' `--batch-wait-ms` (local mode).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "target")]
     pub batch_wait_ms: u64,
     /// Workers' `--idle-timeout-ms`: how soon a killed worker's task is reclaimed (local mode).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 3000, conflicts_with = "target")]
     pub worker_idle_timeout_ms: u64,
     /// Coordinator's `--max-queued` (local mode).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, conflicts_with = "target")]
     pub max_queued: u64,
     /// How long the local cluster may take to become ready (models load in this time).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration, conflicts_with = "target")]
     pub startup_timeout: Duration,
     /// Keep the local processes' logs (and Redis files) here instead of a deleted temp dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "target")]
     pub log_dir: Option<PathBuf>,
     /// Bearer token file: sent with every call; in local mode also given to the coordinator.
     #[arg(long)]
@@ -100,13 +101,13 @@ pub struct Args {
     pub idempotency_probe_every: u64,
 
     /// SIGKILL a random worker of STAGE and start a new one: `STAGE:every=D` or `STAGE:at=D` (local mode).
-    #[arg(long, value_parser = parse_kill)]
+    #[arg(long, value_parser = parse_kill, conflicts_with = "target")]
     pub kill: Vec<KillSpec>,
     /// SIGKILL the coordinator at T and start it again after `down` (default 1s): `at=T[,down=D]`.
-    #[arg(long, value_parser = parse_restart)]
+    #[arg(long, value_parser = parse_restart, conflicts_with = "target")]
     pub restart_coordinator: Vec<RestartSpec>,
     /// SIGKILL redis-server at T and start it again from its AOF (on for the run): `at=T[,down=D]`.
-    #[arg(long, value_parser = parse_restart)]
+    #[arg(long, value_parser = parse_restart, conflicts_with = "target")]
     pub restart_redis: Vec<RestartSpec>,
 
     /// Write the JSON report here.
@@ -275,24 +276,12 @@ impl Args {
         }
     }
 
-    /// Checks what clap cannot: local-only flags, fault targets, ranges.
+    /// Checks what clap cannot: fault targets, ranges.
     pub fn check(&self) -> anyhow::Result<()> {
         self.load()?;
         self.bound()?;
         if self.connections == 0 {
             bail!("--connections 0: must be at least 1");
-        }
-        let faults = !self.kill.is_empty() || !self.restart_coordinator.is_empty() || !self.restart_redis.is_empty();
-        if !self.local {
-            let local_only = [
-                (faults, "--kill/--restart-coordinator/--restart-redis"),
-                (self.worker_profile.is_some(), "--worker-profile"),
-                (self.bin_dir.is_some(), "--bin-dir"),
-                (self.log_dir.is_some(), "--log-dir"),
-            ];
-            if let Some((_, flag)) = local_only.iter().find(|(given, _)| *given) {
-                bail!("{flag} needs --local (they act on processes this harness starts)");
-            }
         }
         for kill in &self.kill {
             if self.workers.get(kill.stage) == 0 {

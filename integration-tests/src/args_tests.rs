@@ -58,13 +58,20 @@ fn a_run_needs_a_target_a_bound_and_a_load() {
 }
 
 #[test]
+fn local_cluster_flags_need_local() {
+    for flag in [["--kill", "cfm:every=5s"], ["--worker-profile", "sleep:5"], ["--max-batch", "4"], ["--workers", "diffusion=1,cfm=1,decoder=1"]] {
+        let err = args(&["--target", "h:1", "--jobs", "5", "--rate", "1", flag[0], flag[1]]).unwrap_err().to_string();
+        assert!(err.contains(flag[0]) && err.contains("--target"), "{flag:?}: {err}");
+    }
+    args(&["--local", "--jobs", "5", "--rate", "1", "--max-batch", "4", "--kill", "cfm:every=5s"]).unwrap();
+}
+
+#[test]
 fn checks_reject_bad_values_naming_the_flag() {
     let err = |list: &[&str]| args(list).unwrap().check().unwrap_err().to_string();
     assert!(err(&["--local", "--jobs", "5", "--rate", "0"]).contains("--rate"));
     assert!(err(&["--local", "--jobs", "0", "--rate", "1"]).contains("--jobs"));
     assert!(err(&["--local", "--jobs", "5", "--concurrency", "0"]).contains("--concurrency"));
-    assert!(err(&["--target", "h:1", "--jobs", "5", "--rate", "1", "--kill", "cfm:every=5s"]).contains("needs --local"));
-    assert!(err(&["--target", "h:1", "--jobs", "5", "--rate", "1", "--worker-profile", "sleep:5"]).contains("--worker-profile"));
     assert!(err(&["--local", "--workers", "diffusion=1,cfm=0,decoder=1", "--jobs", "5", "--rate", "1", "--kill", "cfm:at=1s"])
         .contains("no cfm worker"));
     assert!(err(&["--local", "--jobs", "5", "--rate", "1", "--connections", "0"]).contains("--connections"));

@@ -74,8 +74,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let namespace = format!("lt-{run_id}");
     let worker_profile = args.worker_profile.clone().unwrap_or_else(|| template.spec.profile.clone());
 
-    let mut _run_dir = None;
-    let cluster = if args.local {
+    // `_run_dir` keeps a temporary directory until the end of the run.
+    let (cluster, _run_dir) = if args.local {
         let dir = match &args.log_dir {
             Some(path) => {
                 std::fs::create_dir_all(path).with_context(|| format!("--log-dir {}", path.display()))?;
@@ -109,10 +109,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             RunDir::Kept(path) => e.context(format!("starting the local cluster (logs in {})", path.display())),
         })?;
         eprintln!("local cluster ready: coordinator {}, redis {}, files in {}", started.coordinator_addr, started.redis_url(), dir.path().display());
-        _run_dir = Some(dir);
-        Some(Arc::new(tokio::sync::Mutex::new(started)))
+        (Some(Arc::new(tokio::sync::Mutex::new(started))), Some(dir))
     } else {
-        None
+        (None, None)
     };
     let uri = match (&cluster, &args.target) {
         (Some(cluster), _) => format!("http://{}", cluster.lock().await.coordinator_addr),

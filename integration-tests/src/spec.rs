@@ -29,8 +29,8 @@ pub struct SpecFlags {
     pub prompt: String,
     #[arg(long, default_value = "", conflicts_with = "spec")]
     pub negative_prompt: String,
-    /// Upscale this PNG/JPEG instead of generating from the prompt.
-    #[arg(long, conflicts_with = "spec")]
+    /// Upscale this PNG/JPEG instead of generating from the prompt (no base settings then).
+    #[arg(long, conflicts_with_all = ["spec", "prompt", "negative_prompt", "width", "height", "steps", "scheduler", "guidance"])]
     pub image: Option<PathBuf>,
     /// Base image width in pixels (multiple of 8).
     #[arg(long, default_value_t = 64, conflicts_with = "spec")]
@@ -47,11 +47,12 @@ pub struct SpecFlags {
     /// CFM hops (each 2× the latent).
     #[arg(long, default_value_t = 2, conflicts_with = "spec")]
     pub hops: u32,
-    #[arg(long, default_value = "euler", conflicts_with = "spec")]
-    pub solver: String,
-    /// ODE steps per CFM hop.
-    #[arg(long, default_value_t = 4, conflicts_with = "spec")]
-    pub cfm_steps: u32,
+    /// CFM ODE solver [default: euler]; only with hops.
+    #[arg(long, conflicts_with = "spec")]
+    pub solver: Option<String>,
+    /// ODE steps per CFM hop [default: 4]; only with hops.
+    #[arg(long, conflicts_with = "spec")]
+    pub cfm_steps: Option<u32>,
     /// Decoder tile (latent pixels); 0 decodes in one piece.
     #[arg(long, default_value_t = 0, conflicts_with = "spec")]
     pub tile: u32,
@@ -201,9 +202,13 @@ impl SpecFlags {
             ),
         };
         let cfm = if self.hops == 0 {
+            if self.solver.is_some() || self.cfm_steps.is_some() {
+                bail!("--solver and --cfm-steps need --hops of at least 1");
+            }
             pb::CfmSettings::default()
         } else {
-            pb::CfmSettings { hops: self.hops, solver: self.solver.clone(), steps: self.cfm_steps }
+            let solver = self.solver.clone().unwrap_or_else(|| "euler".into());
+            pb::CfmSettings { hops: self.hops, solver, steps: self.cfm_steps.unwrap_or(4) }
         };
         Ok(pb::JobSpec {
             source: Some(source),
@@ -272,6 +277,11 @@ mod tests {
         assert!(err.contains("priority"), "{err}");
         let err = flags(&["--profile", "sleep", "--seeds", "0"]).template().unwrap_err().to_string();
         assert!(err.contains("--seeds"), "{err}");
+        let err = flags(&["--profile", "sleep", "--hops", "0", "--solver", "heun"]).template().unwrap_err().to_string();
+        assert!(err.contains("--solver"), "{err}");
+        let template = flags(&["--profile", "sleep", "--hops", "0"]).template().unwrap();
+        assert_eq!(template.spec.cfm, Some(pb::CfmSettings::default()));
+        assert!(Wrapper::try_parse_from(["t", "--image", "x.png", "--steps", "3"]).is_err(), "an image job has no base steps");
     }
 
     #[test]
