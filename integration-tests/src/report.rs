@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::faults::FaultRecord;
+use crate::faults::{FaultAction, FaultRecord};
 use crate::record::{JobRecord, ProbeOutcome};
 use crate::stats::{self, Checksums, Counts, Distribution, FaultImpact, Recovery, StageTimings};
 
@@ -109,8 +109,7 @@ impl Report {
                 ProbeOutcome::Error(_) => probes.errors += 1,
             }
         }
-        let fault_windows: Vec<(Duration, Duration)> = faults.iter().map(|f| (f.at, f.at + f.took)).collect();
-        let fault_reports = faults
+        let fault_reports: Vec<FaultReport> = faults
             .iter()
             .map(|f| FaultReport {
                 kind: f.action.name(),
@@ -118,6 +117,23 @@ impl Report {
                 at_s: secs(f.at),
                 took_ms: secs(f.took) * 1000.0,
                 recovery: stats::recovery(records, f.at),
+            })
+            .collect();
+        // A fault lasts until the process is back and the jobs caught in it finished (never, if
+        // one was lost); after a restart, also until the next completion (the plane reconnects).
+        let fault_windows: Vec<(Duration, Duration)> = faults
+            .iter()
+            .zip(&fault_reports)
+            .map(|(f, report)| {
+                let r = &report.recovery;
+                let restart = !matches!(f.action, FaultAction::KillWorker(_));
+                let recovered_ms = match r.in_flight_done_ms {
+                    Some(done) if restart => done.max(r.next_completion_ms.unwrap_or(f64::INFINITY)),
+                    Some(done) => done,
+                    None => f64::INFINITY,
+                };
+                let recovered = Duration::try_from_secs_f64(recovered_ms / 1000.0).unwrap_or(Duration::MAX);
+                (f.at, f.at.saturating_add(f.took.max(recovered)))
             })
             .collect();
         let mut problems = Vec::new();
@@ -286,6 +302,36 @@ mod tests {
         assert!(json["stages"].is_object());
         assert_eq!(report.problems.len(), 1);
         assert!(report.markdown().contains("FAILED: 1 job(s) lost"));
+    }
+
+    fn job(index: u64, sent_ms: u64, done_ms: u64) -> JobRecord {
+        let mut record = JobRecord::new(index, 0, Duration::from_millis(sent_ms));
+        record.submit = SubmitOutcome::Accepted { id: format!("j{index}") };
+        record.terminal = Some((Terminal::Completed { png_bytes: 1 }, Duration::from_millis(done_ms)));
+        record
+    }
+
+    #[test]
+    fn a_fault_window_lasts_until_its_jobs_finished() {
+        // Kill at 5 s: job 1 was in flight and finished at 7.3 s; job 2 came during that
+        // recovery; jobs 0 and 3 are clear of it.
+        let records = [job(0, 0, 100), job(1, 4900, 7300), job(2, 6000, 6100), job(3, 8000, 8100)];
+        let kill = FaultRecord {
+            action: FaultAction::KillWorker(fmboost_core::stage::StageKind::Cfm),
+            target: "w".into(),
+            at: Duration::from_secs(5),
+            took: Duration::from_millis(10),
+        };
+        let report = Report::build(ReportInput {
+            records: &records,
+            errors: (BTreeMap::new(), BTreeMap::new()),
+            faults: &[kill],
+            unexpected_exits: vec![],
+            active_jobs_after: None,
+            run: run_info(),
+        });
+        assert_eq!(report.faults[0].recovery.in_flight_done_ms, Some(2300.0));
+        assert_eq!(report.fault_impact.unwrap().jobs_during_faults, 2);
     }
 
     #[test]

@@ -302,8 +302,8 @@ fn throughput_back(completions: &[Duration], fault_at: Duration) -> Option<f64> 
     None
 }
 
-/// Latency of completed jobs in flight during some fault (from the kill until the process was
-/// back) against the others.
+/// Latency of completed jobs in flight during some fault (its window: from the kill until the
+/// cluster recovered) against the others.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FaultImpact {
     pub jobs_during_faults: u64,
