@@ -21,7 +21,7 @@ enum Command {
     /// Run reference-vector files (shared/golden format) and compare against our models.
     CheckGolden(golden::Args),
     /// Submit a job to the cluster (optionally following it and downloading the PNG).
-    Submit(client::SubmitArgs),
+    Submit(Box<client::SubmitArgs>),
     /// Follow a job's progress until it finishes.
     Watch(client::JobArgs),
     /// Download a finished job's PNG (and final latent).
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckGolden(args) => golden::run(args),
-        Command::Submit(args) => client::submit(args),
+        Command::Submit(args) => client::submit(*args),
         Command::Watch(args) => client::watch(args),
         Command::Result(args) => client::result(args),
         Command::Cancel(args) => client::cancel(args),
