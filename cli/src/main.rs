@@ -30,7 +30,7 @@ enum Command {
     /// Upscale an image 2× or 4× in this process: encode, CFM hops, decode.
     Upscale(local::UpscaleArgs),
     /// Submit a job to the cluster (optionally following it and downloading the PNG).
-    Submit(client::SubmitArgs),
+    Submit(Box<client::SubmitArgs>),
     /// Follow a job's progress until it finishes.
     Watch(client::JobArgs),
     /// Download a finished job's PNG (and final latent).
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Command::CheckGolden(args) => golden::run(args),
         Command::Generate(args) => local::generate(args),
         Command::Upscale(args) => local::upscale(args),
-        Command::Submit(args) => client::submit(args),
+        Command::Submit(args) => client::submit(*args),
         Command::Watch(args) => client::watch(args),
         Command::Result(args) => client::result(args),
         Command::Cancel(args) => client::cancel(args),

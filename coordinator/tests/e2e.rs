@@ -62,11 +62,19 @@ async fn submit_wait_out_writes_a_deterministic_png() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_reports_queue_stages_steps_and_completion() {
-    let cluster = Cluster::start(Options::default());
-    cluster.wait_for_workers([1, 1, 1]).await;
+    // Workers start only once the watch is open, so every event of the job is seen.
+    let mut cluster = Cluster::start(Options { workers: [0, 0, 0], ..Options::default() });
     let mut client = cluster.client().await;
     let job_id = submit(&cluster, &mut client, text_spec(1, 5, 1, 3)).await;
-    let events = watch_to_end(&cluster, &mut client, &job_id).await;
+    let mut stream = client.watch(pb::WatchRequest { job_id: job_id.clone() }).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().expect("a first event");
+    for stage in cluster::STAGES {
+        cluster.start_worker(stage);
+    }
+    let mut events = vec![first];
+    while let Some(event) = tokio::time::timeout(std::time::Duration::from_secs(30), stream.message()).await.expect("stalled").unwrap() {
+        events.push(event);
+    }
     use pb::job_event::Event;
     let steps: Vec<(i32, u32, u32)> = events
         .iter()
@@ -76,7 +84,7 @@ async fn watch_reports_queue_stages_steps_and_completion() {
         })
         .collect();
     let finished = events.iter().filter(|e| matches!(e.event, Some(Event::StageFinished(_)))).count();
-    assert!(matches!(events[0].event, Some(Event::Queued(_) | Event::StageStarted(_) | Event::Step(_))), "{events:?}");
+    assert!(matches!(&events[0].event, Some(Event::Queued(q)) if q.position == 0), "{events:?}");
     assert_eq!(finished, 3, "diffusion, one cfm hop and the decoder finish: {events:?}");
     assert!(steps.contains(&(pb::Stage::Diffusion as i32, 5, 5)) && steps.contains(&(pb::Stage::Cfm as i32, 3, 3)), "{steps:?}");
     assert!(matches!(terminal(&events), Event::Completed(c) if c.png_bytes > 0));
@@ -227,4 +235,26 @@ async fn workers_serve_health_and_metrics() {
     ] {
         assert!(metrics.contains(name), "worker /metrics lacks {name}:\n{metrics}");
     }
+}
+
+#[test]
+fn cli_submit_status_cancel_watch() {
+    let cluster = Cluster::start(Options { workers: [0, 0, 0], ..Options::default() });
+    let run = |args: &[&str]| {
+        let output = cluster.cli(args);
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, stdout, stderr) = run(&["submit", "--profile", "sleep", "--width", "64", "--height", "64", "--steps", "3", "--hops", "1"]);
+    assert!(ok, "{stderr}");
+    let job = stdout.trim().to_string();
+    let (ok, stdout, _) = run(&["status", &job]);
+    assert!(ok && stdout.contains("queued at diffusion"), "{stdout}");
+    let (ok, stdout, _) = run(&["status"]);
+    assert!(ok && stdout.contains("active jobs: 1") && stdout.contains("diffusion"), "{stdout}");
+    let (ok, stdout, _) = run(&["cancel", &job]);
+    assert!(ok && stdout.contains("cancelled"), "{stdout}");
+    let (ok, _, stderr) = run(&["watch", &job]);
+    assert!(!ok && stderr.contains("was cancelled"), "{stderr}");
+    let (ok, _, stderr) = run(&["result", &job, "--out", "/dev/null"]);
+    assert!(!ok && stderr.contains("FailedPrecondition"), "{stderr}");
 }
