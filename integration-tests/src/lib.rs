@@ -180,7 +180,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         profile: template.spec.profile.clone(),
         worker_profile: args.local.then_some(worker_profile),
         workers: args.local.then(|| StageKind::ALL.iter().map(|&k| (k.name().to_string(), args.workers.get(k))).collect::<BTreeMap<_, _>>()),
-        hops: template.spec.cfm.as_ref().map_or(0, |c| c.hops),
+        hops: template.hops,
         seeds: template.seeds,
         submit_span_s: (outcome.submit_span.as_secs_f64() * 1000.0).round() / 1000.0,
         duration_s: 0.0,

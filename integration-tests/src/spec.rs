@@ -1,7 +1,8 @@
 //! The job spec the harness submits: from flags or a JSON file (`--spec FILE`), checked with the
 //! cluster's own validation (`fmboost_core::spec::validate`) before any load is sent.
 //!
-//! JSON form (every field optional except `profile` and `source`; unknown fields are errors):
+//! JSON form (every field optional except `profile` and `source`; unset settings take the
+//! profile's defaults; unknown fields are errors):
 //! `{"profile": "sleep", "seed": 7, "priority": "normal",
 //!   "source": {"text": {"prompt": "...", "negative_prompt": ""}} | {"image": {"path": "in.png"}},
 //!   "base": {"width": 64, "height": 64, "steps": 4, "scheduler": "ddim", "guidance": 1.0},
@@ -10,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use fmboost_core::profile::ProfileInfo;
 use fmboost_core::spec::{validate, Limits};
 use fmboost_proto::v1 as pb;
 use serde::Deserialize;
@@ -25,32 +27,36 @@ pub struct SpecFlags {
     /// Model profile the jobs name (`tiny`, `sleep`, ...).
     #[arg(long, default_value = "tiny", conflicts_with = "spec")]
     pub profile: String,
-    #[arg(long, default_value = "a lighthouse on a cliff at dawn", conflicts_with = "spec")]
+    /// Text prompt (empty for unconditional profiles such as tiny).
+    #[arg(long, default_value = "", conflicts_with = "spec")]
     pub prompt: String,
     #[arg(long, default_value = "", conflicts_with = "spec")]
     pub negative_prompt: String,
     /// Upscale this PNG/JPEG instead of generating from the prompt (no base settings then).
     #[arg(long, conflicts_with_all = ["spec", "prompt", "negative_prompt", "width", "height", "steps", "scheduler", "guidance"])]
     pub image: Option<PathBuf>,
-    /// Base image width in pixels (multiple of 8).
-    #[arg(long, default_value_t = 64, conflicts_with = "spec")]
-    pub width: u32,
-    #[arg(long, default_value_t = 64, conflicts_with = "spec")]
-    pub height: u32,
-    /// Base diffusion steps.
-    #[arg(long, default_value_t = 4, conflicts_with = "spec")]
-    pub steps: u32,
-    #[arg(long, default_value = "ddim", conflicts_with = "spec")]
-    pub scheduler: String,
-    #[arg(long, default_value_t = 1.0, conflicts_with = "spec")]
-    pub guidance: f32,
-    /// CFM hops (each 2× the latent).
-    #[arg(long, default_value_t = 2, conflicts_with = "spec")]
-    pub hops: u32,
-    /// CFM ODE solver [default: euler]; only with hops.
+    /// Base image width in pixels, a multiple of 8 (default: the profile's).
+    #[arg(long, conflicts_with = "spec")]
+    pub width: Option<u32>,
+    /// Base image height in pixels (default: the profile's).
+    #[arg(long, conflicts_with = "spec")]
+    pub height: Option<u32>,
+    /// Base steps (default: the profile's).
+    #[arg(long, conflicts_with = "spec")]
+    pub steps: Option<u32>,
+    /// Base scheduler (default: the profile's).
+    #[arg(long, conflicts_with = "spec")]
+    pub scheduler: Option<String>,
+    /// Guidance scale (default: the profile's).
+    #[arg(long, conflicts_with = "spec")]
+    pub guidance: Option<f32>,
+    /// CFM hops, each 2× the latent (default: the profile's).
+    #[arg(long, conflicts_with = "spec")]
+    pub hops: Option<u32>,
+    /// CFM ODE solver (default: the profile's); not with --hops 0.
     #[arg(long, conflicts_with = "spec")]
     pub solver: Option<String>,
-    /// ODE steps per CFM hop [default: 4]; only with hops.
+    /// ODE steps per CFM hop (default: the profile's); not with --hops 0.
     #[arg(long, conflicts_with = "spec")]
     pub cfm_steps: Option<u32>,
     /// Decoder tile (latent pixels); 0 decodes in one piece.
@@ -104,26 +110,20 @@ enum SourceFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BaseFile {
-    width: u32,
-    height: u32,
-    steps: u32,
-    scheduler: String,
-    #[serde(default = "one")]
-    guidance: f32,
+    width: Option<u32>,
+    height: Option<u32>,
+    steps: Option<u32>,
+    scheduler: Option<String>,
+    guidance: Option<f32>,
 }
 
-fn one() -> f32 {
-    1.0
-}
-
+/// Unset fields take the profile's defaults.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CfmFile {
-    hops: u32,
-    #[serde(default)]
-    solver: String,
-    #[serde(default)]
-    steps: u32,
+    hops: Option<u32>,
+    solver: Option<String>,
+    steps: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +139,8 @@ struct DecodeFile {
 #[derive(Debug, Clone)]
 pub struct JobTemplate {
     pub spec: pb::JobSpec,
+    /// CFM hops each job runs (after the profile's defaults).
+    pub hops: u32,
     pub first_seed: u64,
     pub seeds: u64,
 }
@@ -181,9 +183,13 @@ impl SpecFlags {
             None => (self.spec_from_flags()?, "job spec flags: ".to_string()),
         };
         // The cluster validates again; checking here stops a run of thousands of rejections.
-        let limits = Limits::new(vec![spec.profile.clone()], MAX_UPLOAD_BYTES);
-        validate(spec.clone(), &limits, fmboost_core::now_unix_ms()).map_err(|e| anyhow::anyhow!("{origin}{e}"))?;
-        Ok(JobTemplate { first_seed: spec.seed, spec, seeds: self.seeds })
+        // A profile this binary does not know (one a remote cluster serves from a file) is
+        // checked with Stable Diffusion's defaults; the coordinator applies the real ones.
+        let profile = ProfileInfo::resolve(&spec.profile)
+            .unwrap_or_else(|_| ProfileInfo { name: spec.profile.clone(), defaults: Default::default() });
+        let limits = Limits::new(vec![profile], MAX_UPLOAD_BYTES);
+        let (admitted, _) = validate(spec.clone(), &limits, fmboost_core::now_unix_ms()).map_err(|e| anyhow::anyhow!("{origin}{e}"))?;
+        Ok(JobTemplate { first_seed: spec.seed, hops: admitted.cfm.hops, spec, seeds: self.seeds })
     }
 
     fn spec_from_flags(&self) -> anyhow::Result<pb::JobSpec> {
@@ -201,15 +207,10 @@ impl SpecFlags {
                 }),
             ),
         };
-        let cfm = if self.hops == 0 {
-            if self.solver.is_some() || self.cfm_steps.is_some() {
-                bail!("--solver and --cfm-steps need --hops of at least 1");
-            }
-            pb::CfmSettings::default()
-        } else {
-            let solver = self.solver.clone().unwrap_or_else(|| "euler".into());
-            pb::CfmSettings { hops: self.hops, solver, steps: self.cfm_steps.unwrap_or(4) }
-        };
+        if self.hops == Some(0) && (self.solver.is_some() || self.cfm_steps.is_some()) {
+            bail!("--solver and --cfm-steps need --hops of at least 1");
+        }
+        let cfm = pb::CfmSettings { hops: self.hops, solver: self.solver.clone(), steps: self.cfm_steps };
         Ok(pb::JobSpec {
             source: Some(source),
             seed: self.seed,
@@ -290,18 +291,19 @@ mod tests {
         let path = dir.path().join("spec.json");
         let good = r#"{"profile": "sleep", "seed": 5, "source": {"text": {"prompt": "a cat"}},
             "base": {"width": 64, "height": 64, "steps": 2, "scheduler": "ddim"},
-            "cfm": {"hops": 1, "solver": "heun", "steps": 3}}"#;
+            "cfm": {"hops": 1, "solver": "heun2", "steps": 3}}"#;
         std::fs::write(&path, good).unwrap();
         let template = flags(&["--spec", path.to_str().unwrap(), "--seeds", "2"]).template().unwrap();
-        assert_eq!((template.first_seed, template.spec.cfm.as_ref().unwrap().solver.as_str()), (5, "heun"));
+        assert_eq!((template.first_seed, template.spec.cfm.as_ref().unwrap().solver.as_deref()), (5, Some("heun2")));
+        assert_eq!(template.hops, 1);
 
         std::fs::write(&path, r#"{"profile": "sleep", "source": {"text": {"prompt": "x"}}, "colour": 1}"#).unwrap();
         let err = format!("{:#}", flags(&["--spec", path.to_str().unwrap()]).template().unwrap_err());
         assert!(err.contains("colour"), "{err}");
 
-        std::fs::write(&path, r#"{"profile": "sleep", "source": {"text": {"prompt": "x"}}}"#).unwrap();
+        std::fs::write(&path, r#"{"profile": "sleep", "source": {"text": {"prompt": "x"}}, "base": {"steps": 0}}"#).unwrap();
         let err = flags(&["--spec", path.to_str().unwrap()]).template().unwrap_err().to_string();
-        assert!(err.contains("--spec") && err.contains("base"), "{err}");
+        assert!(err.contains("--spec") && err.contains("base.steps"), "{err}");
     }
 
     #[test]
