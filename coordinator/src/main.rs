@@ -104,9 +104,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     tokio::spawn(refresh_gauges(store.clone(), metrics.clone()));
 
     let limits = Arc::new(Limits::new(flags.profiles.clone(), flags.max_upload_bytes));
+    let hub = watch::WatchHub::start(client.clone(), flags.namespace.clone());
     let service = server::PipelineService {
         store,
-        hub: watch::WatchHub::start(client.clone(), flags.namespace.clone()),
+        hub: hub.clone(),
         limits,
         max_queued: flags.max_queued,
         metrics,
@@ -130,7 +131,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pipeline)
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async move {
+            shutdown_signal().await;
+            hub.stop();
+        })
         .await
         .context("gRPC server")?;
     stop.store(true, Ordering::SeqCst);
