@@ -228,15 +228,51 @@ fn stage_label(at: &pb::StageRef) -> String {
     }
 }
 
+/// Seconds to keep trying to re-open Watch after the coordinator went away.
+const WATCH_RECONNECTS: u32 = 60;
+
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
+/// Re-opens Watch once a second until a coordinator answers.
+async fn rewatch(client: &mut Client, job_id: &str) -> anyhow::Result<tonic::Streaming<pb::JobEvent>> {
+    for _ in 0..WATCH_RECONNECTS {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match client.watch(pb::WatchRequest { job_id: job_id.to_string() }).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if is_transient(&status) => continue,
+            Err(status) => return Err(status_error("watch", status)),
+        }
+    }
+    bail!("no coordinator answered for {WATCH_RECONNECTS} s while watching job {job_id}")
+}
+
 /// Follows Watch to the terminal event with a progress bar. None when completed, else the
 /// exit code for failed/cancelled.
 async fn follow(client: &mut Client, job_id: &str) -> anyhow::Result<Option<ExitCode>> {
     use pb::job_event::Event;
-    let mut events = client.watch(pb::WatchRequest { job_id: job_id.to_string() }).await.map_err(|s| status_error("watch", s))?.into_inner();
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{spinner} {msg:<28} [{bar:30}] {pos}/{len} {elapsed}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(200));
-    while let Some(event) = events.message().await.map_err(|s| status_error("watch", s))? {
+    let mut events = client.watch(pb::WatchRequest { job_id: job_id.to_string() }).await.map_err(|s| status_error("watch", s))?.into_inner();
+    loop {
+        let event = match events.message().await {
+            Ok(Some(event)) => event,
+            // The coordinator went away (restart, rolling update) before the job ended: the
+            // job lives in Redis, so watch it again through whichever replica answers.
+            Ok(None) => {
+                bar.suspend(|| eprintln!("watch ended by the coordinator; reconnecting"));
+                events = rewatch(client, job_id).await?;
+                continue;
+            }
+            Err(status) if is_transient(&status) => {
+                bar.suspend(|| eprintln!("watch interrupted ({}); reconnecting", status.message()));
+                events = rewatch(client, job_id).await?;
+                continue;
+            }
+            Err(status) => return Err(status_error("watch", status)),
+        };
         match event.event {
             Some(Event::Queued(q)) => bar.set_message(format!("queued for {} (#{})", q.at.as_ref().map(stage_label).unwrap_or_default(), q.position)),
             Some(Event::StageStarted(s)) => {
@@ -270,8 +306,6 @@ async fn follow(client: &mut Client, job_id: &str) -> anyhow::Result<Option<Exit
             None => {}
         }
     }
-    bar.finish_and_clear();
-    bail!("the watch of job {job_id} ended before the job finished")
 }
 
 /// Streams the result and writes the PNG (and the final latent when asked).

@@ -111,9 +111,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .map(|p| ProfileInfo::resolve(p).map_err(|e| anyhow::anyhow!("--profiles: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let limits = Arc::new(Limits::new(profiles, flags.max_upload_bytes));
+    let hub = watch::WatchHub::start(client.clone(), flags.namespace.clone());
     let service = server::PipelineService {
         store,
-        hub: watch::WatchHub::start(client.clone(), flags.namespace.clone()),
+        hub: hub.clone(),
         limits,
         max_queued: flags.max_queued,
         metrics,
@@ -137,7 +138,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pipeline)
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
+            shutdown_signal().await;
+            hub.stop();
+        })
         .await
         .context("gRPC server")?;
     stop.store(true, Ordering::SeqCst);

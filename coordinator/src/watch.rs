@@ -19,9 +19,12 @@ use crate::store::{JobRecord, JobState, JobStore};
 
 const POLL_PERIOD: Duration = Duration::from_millis(1000);
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct WatchHub {
     senders: Arc<Mutex<HashMap<String, broadcast::Sender<pb::JobEvent>>>>,
+    /// Raised when the coordinator stops: open Watch streams end (clients re-watch through
+    /// another replica), so graceful shutdown is not held up by them.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// A Watch's registration; unregisters on drop.
@@ -43,9 +46,14 @@ impl Drop for Subscription {
 impl WatchHub {
     /// Starts the pattern subscription (reconnecting on errors).
     pub fn start(client: redis::Client, namespace: String) -> Self {
-        let hub = WatchHub::default();
+        let hub = WatchHub { senders: Arc::default(), stopping: Arc::new(tokio::sync::watch::channel(false).0) };
         tokio::spawn(hub.clone().subscribe_loop(client, namespace));
         hub
+    }
+
+    /// Ends every open Watch stream.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
     }
 
     pub fn subscribe(&self, job_id: &str) -> Subscription {
@@ -121,6 +129,7 @@ pub async fn watch(store: JobStore, hub: &WatchHub, job_id: String) -> Result<mp
     let record = store.get(&job_id).await?.ok_or_else(|| ApiError::NotFound(job_id.clone()))?;
     let first = job_event(&job_id, snapshot(&store, &record).await?);
     let (tx, rx) = mpsc::channel(64);
+    let mut stopping = hub.stopping.subscribe();
     tokio::spawn(async move {
         let mut last = first.event.clone();
         let done = is_terminal(&first);
@@ -155,6 +164,8 @@ pub async fn watch(store: JobStore, hub: &WatchHub, job_id: String) -> Result<mp
                     }
                 },
                 _ = tx.closed() => return,
+                // Only ever raised (false → true): any change means stop.
+                _ = stopping.changed() => return,
             };
             last = event.event.clone();
             let done = is_terminal(&event);

@@ -206,3 +206,33 @@ async fn two_replicas_serve_one_cluster() {
         assert!(matches!(terminal(&events), Event::Completed(_)), "{events:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coordinator_sigterm_ends_watches_and_the_cli_follows_the_new_one() {
+    let mut cluster = Cluster::start(Options { step_ms: 30, ..Options::default() });
+    cluster.wait_for_workers([1, 1, 1]).await;
+    let out = cluster.dir.path().join("rolled.png");
+    let mut cli = std::process::Command::new(cluster::binary("fmboost"))
+        .args(["submit", "--profile", "sleep", "--width", "64", "--height", "64", "--steps", "40", "--hops", "1", "--cfm-steps", "5"])
+        .args(["--wait", "--out", out.to_str().unwrap(), "--addr", &format!("http://{}", cluster.addr)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut client = cluster.client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.cluster_status(pb::ClusterStatusRequest {}).await.unwrap().into_inner().stages[0].in_flight == 0 {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let coordinator = cluster.coordinator.as_mut().unwrap();
+    coordinator.signal(libc::SIGTERM);
+    // An open Watch must not hold up the graceful stop.
+    assert!(coordinator.wait_exit(Duration::from_secs(5)).success());
+    cluster.start_coordinator();
+    let output = tokio::task::spawn_blocking(move || cli.wait_with_output()).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+    let png = std::fs::read(&out).unwrap();
+    assert_eq!(image::load_from_memory(&png).unwrap().width(), 128);
+}
