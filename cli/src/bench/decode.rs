@@ -77,7 +77,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let rss_before = peak_rss_bytes()?;
 
     let start = Instant::now();
-    let image = vae.decode_tiled(&z, &tiles, &mut progress::ignore).map_err(|e| anyhow::anyhow!("tiled decode: {e}"))?;
+    // Per-tile progress on stderr, so a run stopped by a time limit still tells how far it got.
+    let mut report = |step: progress::Step| {
+        eprintln!("tile pass step {}/{} at {:.1} s", step.step, step.total, start.elapsed().as_secs_f64());
+        progress::Flow::Continue
+    };
+    let image = vae.decode_tiled(&z, &tiles, &mut report).map_err(|e| anyhow::anyhow!("tiled decode: {e}"))?;
     device.synchronize()?;
     let tiled_seconds = start.elapsed().as_secs_f64();
     check_image(&image, side * config.downscale())?;
