@@ -77,7 +77,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let rss_before = peak_rss_bytes()?;
 
     let start = Instant::now();
-    let image = vae.decode_tiled(&z, &tiles, &mut progress::ignore).map_err(|e| anyhow::anyhow!("tiled decode: {e}"))?;
+    // Per-tile progress on stderr, so a run stopped by a time limit still tells how far it got.
+    let mut report = |step: progress::Step| {
+        let rss = peak_rss_bytes().map(|b| format!("{:.2} GiB", b as f64 / GIB)).unwrap_or_else(|e| e.to_string());
+        eprintln!("tile pass step {}/{} at {:.1} s, peak RSS so far {rss}", step.step, step.total, start.elapsed().as_secs_f64());
+        progress::Flow::Continue
+    };
+    let image = vae.decode_tiled(&z, &tiles, &mut report).map_err(|e| anyhow::anyhow!("tiled decode: {e}"))?;
     device.synchronize()?;
     let tiled_seconds = start.elapsed().as_secs_f64();
     check_image(&image, side * config.downscale())?;

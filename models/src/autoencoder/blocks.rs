@@ -78,9 +78,11 @@ impl GroupNorm {
         let (mean, var) = match stats {
             NormStats::Own => own(&grouped)?,
             NormStats::Record(list) => {
-                let s = own(&grouped)?;
-                list.push(s.clone());
-                s
+                let (mean, var) = own(&grouped)?;
+                // Detached: with trainable weights the statistics would otherwise keep the
+                // whole graph of the pass that recorded them alive.
+                list.push((mean.detach(), var.detach()));
+                (mean, var)
             }
             NormStats::Replay { stats, next } => {
                 let s = stats.get(*next).cloned().ok_or_else(|| candle_core::Error::msg("GroupNorm replay ran out of recorded statistics"))?;

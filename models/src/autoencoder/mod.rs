@@ -162,11 +162,15 @@ impl Autoencoder {
         })
     }
 
-    /// Fresh, untrained weights (convolutions Kaiming-initialised, norms identity): for
-    /// benchmarks, and as the trainer's starting point.
+    /// Fresh, untrained weights (convolutions Kaiming-initialised, norms identity) as plain
+    /// tensors, for inference benchmarks. (Training builds with [`Self::new`] on a `VarMap`;
+    /// variables make every forward keep its graph for the backward pass.)
     pub fn random(config: &AutoencoderConfig, dtype: DType, device: &Device) -> Result<Self> {
         let map = candle_nn::VarMap::new();
-        Self::new(config, VarBuilder::from_varmap(&map, dtype, device))
+        Self::new(config, VarBuilder::from_varmap(&map, dtype, device))?;
+        let tensors = map.data().lock().map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
+        let plain = tensors.iter().map(|(name, var)| (name.clone(), var.as_tensor().detach())).collect();
+        Self::new(config, VarBuilder::from_tensors(plain, dtype, device))
     }
 
     /// Builds from diffusers-named tensors (an optional leading prefix such as `vae.` is
@@ -312,9 +316,10 @@ impl Autoencoder {
     /// The decoder's latent-resolution head (conv_in and the mid block with its attention)
     /// runs once on the whole latent — exact, and small: latent-sized, with attention in
     /// query chunks. Only the up blocks, where the pixels and the memory are, run in tiles, in
-    /// two passes: the first decodes every tile with its own GroupNorm statistics and keeps
-    /// only those; the second decodes every tile again with their average, so all tiles are
-    /// normalised alike (as the whole image would be) and neighbours agree.
+    /// two passes: the first decodes up to 3×3 tiles spread over the image with their own
+    /// GroupNorm statistics and keeps only those; the second decodes every tile with their
+    /// average, so all tiles are normalised alike (as the whole image would be) and
+    /// neighbours agree.
     pub fn decode_tiled(&self, z: &Tensor, tiles: &TileConfig, progress: progress::Progress) -> std::result::Result<Tensor, RunError> {
         tiles.validate().map_err(candle_core::Error::msg)?;
         let z = self.unscale(z)?;
@@ -325,9 +330,10 @@ impl Autoencoder {
         let head = self.decoder.forward_head(&z, &mut NormStats::Own)?;
         let (_, _, height, width) = head.dims4()?;
         let rects = tiled::tile_rects(height, width, tiles);
-        let total = 2 * rects.len();
-        let mut per_tile = Vec::with_capacity(rects.len());
-        for (done, &(y0, x0, th, tw)) in rects.iter().enumerate() {
+        let sampled = tiled::stat_sample(height, width, tiles);
+        let total = sampled.len() + rects.len();
+        let mut per_tile = Vec::with_capacity(sampled.len());
+        for (done, &(y0, x0, th, tw)) in sampled.iter().enumerate() {
             let tile = head.narrow(2, y0, th)?.narrow(3, x0, tw)?.contiguous()?;
             let mut recording = NormStats::Record(Vec::new());
             self.decoder.forward_tail(&tile, &mut recording)?;
@@ -336,7 +342,7 @@ impl Autoencoder {
             progress::report(progress, done + 1, total)?;
         }
         let shared = blocks::average_stats(&per_tile)?;
-        let image = tiled::decode(&head, tiles, self.config.downscale(), progress, (rects.len(), total), |tile| {
+        let image = tiled::decode(&head, tiles, self.config.downscale(), progress, (sampled.len(), total), |tile| {
             self.decoder.forward_tail(tile, &mut NormStats::Replay { stats: shared.clone(), next: 0 })
         })?;
         Ok(image.to_device(z.device())?)

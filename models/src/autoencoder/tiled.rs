@@ -81,6 +81,25 @@ pub(super) fn tile_rects(height: usize, width: usize, tiles: &TileConfig) -> Vec
         .collect()
 }
 
+/// The tiles GroupNorm statistics are measured on: all of them up to 3 per side, else 3
+/// evenly spread (first, middle, last) per side.
+pub(super) fn stat_sample(height: usize, width: usize, tiles: &TileConfig) -> Vec<(usize, usize, usize, usize)> {
+    let spread = |origins: Vec<usize>| -> Vec<usize> {
+        if origins.len() <= 3 {
+            return origins;
+        }
+        let last = origins.len() - 1;
+        let mut picked = vec![origins[0], origins[last / 2], origins[last]];
+        picked.dedup();
+        picked
+    };
+    let cols = spread(tiles.origins(width));
+    spread(tiles.origins(height))
+        .into_iter()
+        .flat_map(|y0| cols.iter().map(move |&x0| (y0, x0, tiles.tile.min(height - y0), tiles.tile.min(width - x0))))
+        .collect()
+}
+
 /// Steps `first_step + 1 ..` of `total_steps` are reported to `progress`, one per tile.
 pub(super) fn decode(
     z: &Tensor,
@@ -155,6 +174,17 @@ mod tests {
         assert_eq!(t.origins(40), vec![0, 16]);
         assert_eq!(t.origins(50), vec![0, 16, 26]);
         assert_eq!(t.origins(24), vec![0]);
+    }
+
+    #[test]
+    fn statistics_come_from_at_most_three_tiles_per_side() {
+        let t = TileConfig { tile: 64, overlap: 16, auto_above: 0 };
+        assert_eq!(t.origins(256), vec![0, 48, 96, 144, 192]);
+        let sample = stat_sample(256, 256, &t);
+        assert_eq!(sample.len(), 9);
+        assert!(sample.contains(&(96, 192, 64, 64)));
+        let small = TileConfig { tile: 24, overlap: 8, auto_above: 0 };
+        assert_eq!(stat_sample(40, 56, &small), tile_rects(40, 56, &small));
     }
 
     #[test]

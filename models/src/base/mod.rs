@@ -241,3 +241,21 @@ pub fn denoise(
     }
     Ok(latents)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stage_types_can_cross_threads() {
+        fn check<T: Send + Sync>() {}
+        check::<super::StableDiffusion>();
+        check::<super::Scheduler>();
+        check::<crate::autoencoder::Autoencoder>();
+    }
+
+    #[test]
+    fn settings_name_the_bad_field() {
+        let s = super::TextToLatent { width: 500, ..Default::default() };
+        assert!(s.validate(8).unwrap_err().contains("width 500"));
+        assert!(super::TextToLatent::default().validate(8).is_ok());
+    }
+}
