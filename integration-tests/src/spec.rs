@@ -281,7 +281,8 @@ mod tests {
         let err = flags(&["--profile", "sleep", "--hops", "0", "--solver", "heun"]).template().unwrap_err().to_string();
         assert!(err.contains("--solver"), "{err}");
         let template = flags(&["--profile", "sleep", "--hops", "0"]).template().unwrap();
-        assert_eq!(template.spec.cfm, Some(pb::CfmSettings::default()));
+        assert_eq!(template.spec.cfm, Some(pb::CfmSettings { hops: Some(0), ..Default::default() }));
+        assert_eq!(template.hops, 0);
         assert!(Wrapper::try_parse_from(["t", "--image", "x.png", "--steps", "3"]).is_err(), "an image job has no base steps");
     }
 
