@@ -96,6 +96,12 @@ fn sleep_profile_run_with_a_worker_kill_loses_nothing() {
     ci_run("sleep", "sleep:20", &[]);
 }
 
+/// The same on the real (embedded) tiny models, with few steps to keep CI short.
+#[test]
+fn tiny_profile_run_with_a_worker_kill_loses_nothing() {
+    ci_run("tiny", "tiny", &["--steps", "4", "--cfm-steps", "2"]);
+}
+
 /// The negative control: a pool without workers never finishes its jobs; the harness must
 /// count them lost and fail.
 #[test]
