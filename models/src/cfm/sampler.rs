@@ -278,6 +278,23 @@ mod tests {
     }
 
     #[test]
+    fn sixteen_channel_latents_and_json_hop_configs() {
+        let mut config = tiny(false);
+        (config.in_channels, config.out_channels) = (32, 16);
+        let varmap = VarMap::new();
+        let unet = EfficientUNet::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let hop_config: HopConfig = serde_json::from_str(r#"{"upsample": "nearest", "solver": "rk4", "steps": 1}"#).unwrap();
+        assert_eq!((hop_config.noising_step, hop_config.factor), (400, 2));
+        let chain = CfmChain::new(vec![CfmHop { config: hop_config, unet }]).unwrap();
+        let z = Tensor::randn(0f32, 1.0, (3, 16, 4, 4), &Device::Cpu).unwrap();
+        let out = chain.sample(&z, &[1, 2, 3], None, &mut |_| Flow::Continue).unwrap();
+        assert_eq!(out.latent.dims(), &[3, 16, 8, 8]);
+        assert_eq!(out.nfe, vec![4]);
+        let err = serde_json::from_str::<HopConfig>(r#"{"upsample": "bicubic", "solver": "rk4", "steps": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("bicubic"), "{err}");
+    }
+
+    #[test]
     fn mismatched_inputs_are_named() {
         let h = hop(1, Solver::Euler);
         let z = Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
