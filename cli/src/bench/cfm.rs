@@ -49,6 +49,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = load_config(&args.config)?;
     let device = parse_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let dtype = parse_dtype(&args.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    if device.is_cpu() && matches!(dtype, DType::F16 | DType::BF16) {
+        bail!("--dtype {}: half precision runs only on CUDA (candle's CPU convolutions have no half kernels)", args.dtype);
+    }
     if args.steps == 0 {
         bail!("--steps: must be > 0");
     }
