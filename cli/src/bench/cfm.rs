@@ -59,7 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("--batch: must be > 0");
     }
     let multiple = 1usize << config.downsamplings();
-    if args.latent == 0 || args.latent % multiple != 0 {
+    if args.latent == 0 || !args.latent.is_multiple_of(multiple) {
         bail!("--latent {}: must be a positive multiple of {multiple} for this config", args.latent);
     }
     if config.in_channels < config.out_channels {

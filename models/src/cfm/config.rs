@@ -19,7 +19,9 @@ pub struct UNetConfig {
     pub out_channels: usize,
     /// Residual blocks per level in the encoder (the decoder has one more).
     pub num_res_blocks: usize,
-    /// Downsample rates (1, 2, 4, ...) at which encoder/decoder blocks get self-attention.
+    /// Downsample rates (1, 2, 4, ...) at which encoder/decoder blocks get self-attention. A
+    /// rate the network never reaches adds nothing, as in the reference (the paper's config
+    /// lists 16 but its four levels stop at 8).
     pub attention_resolutions: Vec<usize>,
     /// Channel multiplier per level; `len()` levels, `len() − 1` downsamplings.
     pub channel_mult: Vec<usize>,
@@ -89,7 +91,7 @@ impl UNetConfig {
         if self.out_channels == 0 {
             return fail("out_channels", "must be > 0".into());
         }
-        if self.model_channels == 0 || self.model_channels % NORM_GROUPS != 0 {
+        if self.model_channels == 0 || !self.model_channels.is_multiple_of(NORM_GROUPS) {
             return fail(
                 "model_channels",
                 format!("{} must be a positive multiple of {NORM_GROUPS} (GroupNorm groups)", self.model_channels),

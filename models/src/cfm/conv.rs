@@ -59,6 +59,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("conv3x3: {what} must be f32");
@@ -167,7 +174,6 @@ impl CustomOp3 for ShiftedGemmConv {
                 }
             }
             // Copy the valid columns (padded column < w) of each output row in this tile.
-            let out_ptr = out_ptr;
             for (k, row) in acc.chunks(n).enumerate() {
                 let co = first_row + k;
                 let mut p = start;
@@ -178,7 +184,7 @@ impl CustomOp3 for ShiftedGemmConv {
                         let len = run_end - p;
                         let dst = ((item * c_out + co) * h + i) * w + j;
                         // SAFETY: (item, co, i, j..j+len) belongs to this job only.
-                        unsafe { std::ptr::copy_nonoverlapping(row[p - start..].as_ptr(), out_ptr.0.add(dst), len) };
+                        unsafe { std::ptr::copy_nonoverlapping(row[p - start..].as_ptr(), out_ptr.get().add(dst), len) };
                     }
                     p = (i + 1) * pw;
                 }
