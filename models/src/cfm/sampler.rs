@@ -5,6 +5,8 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::{load_unet, LoadError, LoadReport, WeightSource};
+use super::config::UNetConfig;
 use super::resample::{upsample, LatentCodec, UpsampleMode};
 use super::solver::{integrate, Solver};
 use super::unet::EfficientUNet;
@@ -150,6 +152,21 @@ pub struct CfmHop {
     pub unet: EfficientUNet,
 }
 
+impl CfmHop {
+    /// Loads the hop's network from `weights` (see [`load_unet`]) after checking its settings.
+    pub fn load(
+        config: HopConfig,
+        unet_config: &UNetConfig,
+        weights: WeightSource<'_>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, LoadReport), LoadError> {
+        config.validate().map_err(LoadError::Config)?;
+        let (unet, report) = load_unet(weights, unet_config, device, dtype)?;
+        Ok((Self { config, unet }, report))
+    }
+}
+
 /// Progress of a chain: which hop, and the step within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HopStep {
@@ -292,6 +309,21 @@ mod tests {
         assert_eq!(out.nfe, vec![4]);
         let err = serde_json::from_str::<HopConfig>(r#"{"upsample": "bicubic", "solver": "rk4", "steps": 1}"#).unwrap_err();
         assert!(err.to_string().contains("bicubic"), "{err}");
+    }
+
+    #[test]
+    fn hop_loads_its_weights_and_checks_its_settings() {
+        let shapes = crate::cfm::parameter_shapes(&tiny(false)).unwrap();
+        let weights: std::collections::HashMap<String, Tensor> = shapes
+            .into_iter()
+            .map(|(k, s)| (format!("net.{k}"), Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap()))
+            .collect();
+        let config = HopConfig { upsample: UpsampleMode::Bilinear, solver: Solver::Euler, steps: 40, noising_step: 400, factor: 2 };
+        let (hop, report) = CfmHop::load(config.clone(), &tiny(false), WeightSource::Tensors(&weights), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!((report.prefix.as_str(), hop.config.nfe()), ("net.", 40));
+        let bad = HopConfig { steps: 0, ..config };
+        let err = CfmHop::load(bad, &tiny(false), WeightSource::Tensors(&weights), &Device::Cpu, DType::F32).unwrap_err();
+        assert!(err.to_string().contains("steps"), "{err}");
     }
 
     #[test]
