@@ -49,6 +49,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = load_config(&args.config)?;
     let device = parse_device(&args.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     let dtype = parse_dtype(&args.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    if device.is_cpu() && matches!(dtype, DType::F16 | DType::BF16) {
+        bail!("--dtype {}: half precision runs only on CUDA (candle's CPU convolutions have no half kernels)", args.dtype);
+    }
     if args.steps == 0 {
         bail!("--steps: must be > 0");
     }
@@ -56,7 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("--batch: must be > 0");
     }
     let multiple = 1usize << config.downsamplings();
-    if args.latent == 0 || args.latent % multiple != 0 {
+    if args.latent == 0 || !args.latent.is_multiple_of(multiple) {
         bail!("--latent {}: must be a positive multiple of {multiple} for this config", args.latent);
     }
     if config.in_channels < config.out_channels {
@@ -76,23 +79,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let t = Tensor::full(0.5f32, args.batch, &device)?;
 
-    let evaluate = || -> anyhow::Result<f64> {
+    // (wall seconds, CPU seconds of all threads) of one evaluation.
+    let evaluate = || -> anyhow::Result<(f64, f64)> {
+        let cpu_start = super::process_cpu_seconds()?;
         let start = Instant::now();
         let v = unet.forward(&x, &t, context.as_ref())?;
         device.synchronize()?;
         let seconds = start.elapsed().as_secs_f64();
+        let cpu_seconds = super::process_cpu_seconds()? - cpu_start;
         // Touch the result so nothing is skipped, and catch NaNs from broken kernels.
         let sum = v.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         if !sum.is_finite() {
             bail!("the forward produced non-finite values");
         }
-        Ok(seconds)
+        Ok((seconds, cpu_seconds))
     };
     for _ in 0..args.warmup {
         evaluate()?;
     }
-    let mut times = (0..args.steps).map(|_| evaluate()).collect::<anyhow::Result<Vec<f64>>>()?;
+    let runs = (0..args.steps).map(|_| evaluate()).collect::<anyhow::Result<Vec<(f64, f64)>>>()?;
+    let mut times: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    let mut cpu_times: Vec<f64> = runs.iter().map(|r| r.1).collect();
     times.sort_by(f64::total_cmp);
+    cpu_times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let flops = flops_per_forward(&config, args.batch, side, side);
     let line = serde_json::json!({
@@ -111,6 +120,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "timed_nfe": args.steps,
         "warmup": args.warmup,
         "gflops_per_s": flops as f64 / median / 1e9,
+        "cpu_seconds_per_nfe": cpu_times[cpu_times.len() / 2],
+        "load_avg_1m": super::load_average_1m()?,
         "peak_rss_bytes": super::peak_rss_bytes()?,
     });
     println!("{line}");

@@ -36,3 +36,26 @@ pub fn peak_rss_bytes() -> anyhow::Result<u64> {
         .map_err(|e| anyhow::anyhow!("peak RSS: `{line}`: {e}"))?;
     Ok(kib * 1024)
 }
+
+/// CPU time (user + system, all threads) this process has used so far, in seconds.
+pub fn process_cpu_seconds() -> anyhow::Result<f64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF is always valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        anyhow::bail!("getrusage: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: initialised by the successful call above.
+    let usage = unsafe { usage.assume_init() };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(seconds(usage.ru_utime) + seconds(usage.ru_stime))
+}
+
+/// The 1-minute load average (other work on the machine skews wall-clock timings).
+pub fn load_average_1m() -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").map_err(|e| anyhow::anyhow!("reading /proc/loadavg: {e}"))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("/proc/loadavg: unexpected content `{text}`"))
+}

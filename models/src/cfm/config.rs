@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 /// Groups of every GroupNorm in the network (the reference hard-codes 32).
 pub const NORM_GROUPS: usize = 32;
 
-/// Hyper-parameters of the `EfficientUNet`. Unknown fields are rejected so that a knob of the
-/// reference we do not implement (for example `pool_factor`) is an error, never ignored.
+/// Hyper-parameters of the `EfficientUNet`. Unknown fields are rejected so that a knob we do
+/// not know is an error, never ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UNetConfig {
@@ -19,7 +19,9 @@ pub struct UNetConfig {
     pub out_channels: usize,
     /// Residual blocks per level in the encoder (the decoder has one more).
     pub num_res_blocks: usize,
-    /// Downsample rates (1, 2, 4, ...) at which encoder/decoder blocks get self-attention.
+    /// Downsample rates (1, 2, 4, ...) at which encoder/decoder blocks get self-attention. A
+    /// rate the network never reaches adds nothing, as in the reference (the paper's config
+    /// lists 16 but its four levels stop at 8).
     pub attention_resolutions: Vec<usize>,
     /// Channel multiplier per level; `len()` levels, `len() − 1` downsamplings.
     pub channel_mult: Vec<usize>,
@@ -36,6 +38,10 @@ pub struct UNetConfig {
     /// Dropout before the second convolution of each ResBlock. Only 0 is supported.
     #[serde(default)]
     pub dropout: f64,
+    /// The reference's optional Pool2d stem (`pool_factor > 1`). Its released config writes
+    /// −1 (no pooling); only values ≤ 1 are supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_factor: Option<i64>,
 }
 
 impl UNetConfig {
@@ -55,6 +61,7 @@ impl UNetConfig {
             use_scale_shift_norm: true,
             conv_resample: true,
             dropout: 0.0,
+            pool_factor: None,
         }
     }
 
@@ -89,7 +96,7 @@ impl UNetConfig {
         if self.out_channels == 0 {
             return fail("out_channels", "must be > 0".into());
         }
-        if self.model_channels == 0 || self.model_channels % NORM_GROUPS != 0 {
+        if self.model_channels == 0 || !self.model_channels.is_multiple_of(NORM_GROUPS) {
             return fail(
                 "model_channels",
                 format!("{} must be a positive multiple of {NORM_GROUPS} (GroupNorm groups)", self.model_channels),
@@ -114,6 +121,9 @@ impl UNetConfig {
         }
         if let Some(bad) = self.attention_resolutions.iter().find(|r| !r.is_power_of_two()) {
             return fail("attention_resolutions", format!("{bad} is not a downsample rate (1, 2, 4, ...)"));
+        }
+        if let Some(factor) = self.pool_factor.filter(|&f| f > 1) {
+            return fail("pool_factor", format!("{factor}: the pooling stem is not implemented, only values ≤ 1 (no pooling)"));
         }
         if !(self.dropout == 0.0) {
             return fail(
@@ -141,6 +151,7 @@ pub(crate) fn tiny(use_linear_attn: bool) -> UNetConfig {
         use_scale_shift_norm: true,
         conv_resample: true,
         dropout: 0.0,
+        pool_factor: None,
     }
 }
 
@@ -158,11 +169,23 @@ mod tests {
     }
 
     #[test]
-    fn rejects_unknown_knobs_and_bad_values() {
+    fn released_config_with_pool_factor_minus_one_is_the_paper_config() {
         let mut value = serde_json::to_value(UNetConfig::paper()).unwrap();
+        assert!(value.get("pool_factor").is_none(), "absent stays absent when written back");
+        value["pool_factor"] = (-1).into();
+        let config = UNetConfig::from_json(&value.to_string()).unwrap();
+        assert_eq!(config, UNetConfig { pool_factor: Some(-1), ..UNetConfig::paper() });
         value["pool_factor"] = 2.into();
         let err = UNetConfig::from_json(&value.to_string()).unwrap_err();
-        assert!(err.contains("pool_factor"), "{err}");
+        assert!(err.contains("pool_factor") && err.contains("not implemented"), "{err}");
+    }
+
+    #[test]
+    fn rejects_unknown_knobs_and_bad_values() {
+        let mut value = serde_json::to_value(UNetConfig::paper()).unwrap();
+        value["use_fp16"] = true.into();
+        let err = UNetConfig::from_json(&value.to_string()).unwrap_err();
+        assert!(err.contains("use_fp16"), "{err}");
 
         let mut config = UNetConfig::paper();
         config.dropout = 0.1;

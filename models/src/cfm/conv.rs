@@ -59,6 +59,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Through a method, so closures capture the whole (Sync) wrapper, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("conv3x3: {what} must be f32");
@@ -116,37 +123,42 @@ impl CustomOp3 for ShiftedGemmConv {
         let columns = h * pw;
         let tiles = columns.div_ceil(TILE);
         let threads = candle_core::utils::get_num_threads();
-        // Enough tiles: one GEMM per thread at a time. Few tiles (deep, small levels): let the
-        // GEMM itself split its rows over the threads.
-        let (outer_parallel, gemm_parallelism) = if b * tiles >= 2 * threads || threads == 1 {
-            (true, gemm::Parallelism::None)
-        } else {
-            (false, gemm::Parallelism::Rayon(threads))
-        };
-        let run_tile = |job: usize| {
-            let (item, tile) = (job / tiles, job % tiles);
+        // Jobs are (batch item, column tile, block of output channels). Deep levels have few
+        // tiles, so their output channels are split until every thread has two jobs.
+        let mut row_blocks = 1;
+        while b * tiles * row_blocks < 2 * threads && c_out / (2 * row_blocks) >= 64 {
+            row_blocks *= 2;
+        }
+        let rows_per_block = c_out.div_ceil(row_blocks);
+        let jobs = b * tiles * row_blocks;
+        let run_job = |acc: &mut Vec<f32>, job: usize| {
+            let (item, rest) = (job / (tiles * row_blocks), job % (tiles * row_blocks));
+            let (tile, block) = (rest / row_blocks, rest % row_blocks);
             let start = tile * TILE;
             let n = TILE.min(columns - start);
-            let mut acc = vec![0f32; c_out * n];
-            for (row, &bias) in acc.chunks_mut(n).zip(bias) {
+            let first_row = block * rows_per_block;
+            let rows = rows_per_block.min(c_out - first_row);
+            acc.resize(rows * n, 0.0);
+            for (row, &bias) in acc.chunks_mut(n).zip(&bias[first_row..first_row + rows]) {
                 row.fill(bias);
             }
             let input = &padded[item * c_in * plane..(item + 1) * c_in * plane];
             for tap in 0..9 {
                 let shift = (tap / 3) * pw + tap % 3;
-                // SAFETY: lhs is weight[:, :, tap] (rows c_in·9 apart, columns 9 apart), rhs is
-                // c_in rows of `n` columns `plane` apart starting at start + shift, which ends
-                // before the plane does (see `plane`); dst is this task's own buffer.
+                // SAFETY: lhs is weight[first_row.., :, tap] (rows c_in·9 apart, columns 9
+                // apart), rhs is c_in rows of `n` columns `plane` apart starting at
+                // start + shift, which ends before the plane does (see `plane`); dst is this
+                // job's own buffer of rows × n.
                 unsafe {
                     gemm::gemm(
-                        c_out,
+                        rows,
                         n,
                         c_in,
                         acc.as_mut_ptr(),
                         1,
                         n as isize,
                         true,
-                        weight.as_ptr().add(tap),
+                        weight.as_ptr().add(first_row * c_in * 9 + tap),
                         9,
                         (c_in * 9) as isize,
                         input.as_ptr().add(start + shift),
@@ -157,13 +169,13 @@ impl CustomOp3 for ShiftedGemmConv {
                         false,
                         false,
                         false,
-                        gemm_parallelism,
+                        gemm::Parallelism::None,
                     );
                 }
             }
             // Copy the valid columns (padded column < w) of each output row in this tile.
-            let out_ptr = out_ptr;
-            for (co, row) in acc.chunks(n).enumerate() {
+            for (k, row) in acc.chunks(n).enumerate() {
+                let co = first_row + k;
                 let mut p = start;
                 while p < start + n {
                     let (i, j) = (p / pw, p % pw);
@@ -171,18 +183,15 @@ impl CustomOp3 for ShiftedGemmConv {
                     if j < w {
                         let len = run_end - p;
                         let dst = ((item * c_out + co) * h + i) * w + j;
-                        // SAFETY: (item, co, i, j..j+len) is written by this tile only.
-                        unsafe { std::ptr::copy_nonoverlapping(row[p - start..].as_ptr(), out_ptr.0.add(dst), len) };
+                        // SAFETY: (item, co, i, j..j+len) belongs to this job only.
+                        unsafe { std::ptr::copy_nonoverlapping(row[p - start..].as_ptr(), out_ptr.get().add(dst), len) };
                     }
                     p = (i + 1) * pw;
                 }
             }
         };
-        if outer_parallel {
-            (0..b * tiles).into_par_iter().for_each(run_tile);
-        } else {
-            (0..b * tiles).for_each(run_tile);
-        }
+        // One accumulator per worker, reused across its jobs (no page faults per tile).
+        (0..jobs).into_par_iter().for_each_init(Vec::new, run_job);
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))))
     }
 
@@ -208,7 +217,8 @@ mod tests {
     fn matches_candle_conv2d_forward_and_backward() {
         let dev = Device::Cpu;
         // Several tiles per item, a partial last tile, batch 2, non-square, c_in ≠ c_out.
-        for (b, c_in, c_out, h, w) in [(2, 5, 7, 19, 33), (1, 3, 2, 1, 1), (3, 4, 4, 2, 5)] {
+        // (1, 8, 130, 3, 5): one tile, so the output channels are split into two uneven blocks.
+        for (b, c_in, c_out, h, w) in [(2, 5, 7, 19, 33), (1, 3, 2, 1, 1), (3, 4, 4, 2, 5), (1, 8, 130, 3, 5)] {
             let x = Var::randn(0f32, 1.0, (b, c_in, h, w), &dev).unwrap();
             let weight = Var::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev).unwrap();
             let bias = Var::randn(0f32, 1.0, c_out, &dev).unwrap();

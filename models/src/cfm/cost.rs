@@ -92,6 +92,7 @@ mod tests {
             use_scale_shift_norm: false,
             conv_resample: true,
             dropout: 0.0,
+            pool_factor: None,
         };
         let (p, c, e) = (16u64, 32u64, 128u64);
         let conv3 = |ci: u64, co: u64| 2 * ci * co * 9 * p;

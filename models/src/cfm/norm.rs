@@ -75,7 +75,7 @@ impl CustomOp3 for FusedGroupNorm {
         }
         let c = dims[1];
         let spatial: usize = dims[2..].iter().product();
-        if c % self.groups != 0 || l2.shape().dims() != [c] || l3.shape().dims() != [c] {
+        if !c.is_multiple_of(self.groups) || l2.shape().dims() != [c] || l3.shape().dims() != [c] {
             candle_core::bail!("group_norm: {} groups, input {dims:?}, weight {:?}", self.groups, l2.shape().dims());
         }
         if l1.shape().elem_count() == 0 {

@@ -5,6 +5,8 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::{load_unet, LoadError, LoadReport, WeightSource};
+use super::config::UNetConfig;
 use super::resample::{upsample, LatentCodec, UpsampleMode};
 use super::solver::{integrate, Solver};
 use super::unet::EfficientUNet;
@@ -150,6 +152,21 @@ pub struct CfmHop {
     pub unet: EfficientUNet,
 }
 
+impl CfmHop {
+    /// Loads the hop's network from `weights` (see [`load_unet`]) after checking its settings.
+    pub fn load(
+        config: HopConfig,
+        unet_config: &UNetConfig,
+        weights: WeightSource<'_>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Self, LoadReport), LoadError> {
+        config.validate().map_err(LoadError::Config)?;
+        let (unet, report) = load_unet(weights, unet_config, device, dtype)?;
+        Ok((Self { config, unet }, report))
+    }
+}
+
 /// Progress of a chain: which hop, and the step within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HopStep {
@@ -275,6 +292,38 @@ mod tests {
         let mut stop = |s: HopStep| if s.hop == 1 && s.step.step == 1 { Flow::Stop } else { Flow::Continue };
         let err = chain.sample(&z, &[1], None, &mut stop).unwrap_err();
         assert!(matches!(err, RunError::Cancelled { step: 1, total: 4 }), "{err}");
+    }
+
+    #[test]
+    fn sixteen_channel_latents_and_json_hop_configs() {
+        let mut config = tiny(false);
+        (config.in_channels, config.out_channels) = (32, 16);
+        let varmap = VarMap::new();
+        let unet = EfficientUNet::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let hop_config: HopConfig = serde_json::from_str(r#"{"upsample": "nearest", "solver": "rk4", "steps": 1}"#).unwrap();
+        assert_eq!((hop_config.noising_step, hop_config.factor), (400, 2));
+        let chain = CfmChain::new(vec![CfmHop { config: hop_config, unet }]).unwrap();
+        let z = Tensor::randn(0f32, 1.0, (3, 16, 4, 4), &Device::Cpu).unwrap();
+        let out = chain.sample(&z, &[1, 2, 3], None, &mut |_| Flow::Continue).unwrap();
+        assert_eq!(out.latent.dims(), &[3, 16, 8, 8]);
+        assert_eq!(out.nfe, vec![4]);
+        let err = serde_json::from_str::<HopConfig>(r#"{"upsample": "bicubic", "solver": "rk4", "steps": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("bicubic"), "{err}");
+    }
+
+    #[test]
+    fn hop_loads_its_weights_and_checks_its_settings() {
+        let shapes = crate::cfm::parameter_shapes(&tiny(false)).unwrap();
+        let weights: std::collections::HashMap<String, Tensor> = shapes
+            .into_iter()
+            .map(|(k, s)| (format!("net.{k}"), Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap()))
+            .collect();
+        let config = HopConfig { upsample: UpsampleMode::Bilinear, solver: Solver::Euler, steps: 40, noising_step: 400, factor: 2 };
+        let (hop, report) = CfmHop::load(config.clone(), &tiny(false), WeightSource::Tensors(&weights), &Device::Cpu, DType::F32).unwrap();
+        assert_eq!((report.prefix.as_str(), hop.config.nfe()), ("net.", 40));
+        let bad = HopConfig { steps: 0, ..config };
+        let err = CfmHop::load(bad, &tiny(false), WeightSource::Tensors(&weights), &Device::Cpu, DType::F32).unwrap_err();
+        assert!(err.to_string().contains("steps"), "{err}");
     }
 
     #[test]

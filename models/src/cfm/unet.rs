@@ -9,6 +9,8 @@ use super::norm::GroupNorm;
 use super::layers::{conv3x3, group_norm, Downsample, ResBlock, SpatialSelfAttention, TimeEmbed, Upsample};
 use super::plan::{InputBlock, Plan};
 
+// A few dozen blocks built once: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum EncoderBlock {
     Res { res: ResBlock, attention: Option<SpatialSelfAttention> },

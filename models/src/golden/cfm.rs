@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::{rel_err, Check, GoldenError, GoldenFile, RunOptions};
 use crate::cfm::{
@@ -39,6 +39,12 @@ pub fn checks(file: &GoldenFile, options: &RunOptions) -> Option<Result<Vec<Chec
 }
 
 fn load(file: &GoldenFile, options: &RunOptions) -> Result<EfficientUNet, GoldenError> {
+    if options.device.is_cpu() && matches!(options.dtype, DType::F16 | DType::BF16) {
+        return Err(file.run_error(format!(
+            "{:?} runs only on CUDA: candle's CPU convolutions and matmuls have no half-precision kernels",
+            options.dtype
+        )));
+    }
     let raw = file.metadata.get("config").expect("checked by the caller");
     let config = UNetConfig::from_json(raw).map_err(|e| file.run_error(e))?;
     let (unet, report) = load_unet(WeightSource::Tensors(&file.tensors), &config, &options.device, options.dtype)
