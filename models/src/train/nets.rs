@@ -88,6 +88,7 @@ mod tests {
             use_scale_shift_norm: true,
             conv_resample: true,
             dropout: 0.0,
+            pool_factor: None,
         }
     }
 

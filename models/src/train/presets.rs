@@ -41,6 +41,7 @@ fn tiny_unet(in_channels: usize, attention_resolutions: Vec<usize>) -> UNetConfi
         use_scale_shift_norm: true,
         conv_resample: true,
         dropout: 0.0,
+        pool_factor: None,
     }
 }
 
