@@ -2,7 +2,9 @@
 //! generation parameters in a `parameters` tEXt chunk, as A1111 writes them, so an image
 //! tells how it was made.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use fmboost_models::pixels;
+use image::RgbImage;
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,32 +63,20 @@ impl GenerationParameters {
     }
 }
 
-/// Converts a `[3, H, W]` tensor in [−1, 1] to 8-bit RGB (round half away from zero, clamped).
+/// Converts a `[3, H, W]` tensor in [−1, 1] to 8-bit RGB (round half away from zero, clamped;
+/// [`fmboost_models::pixels::from_tensor`] does the arithmetic).
 pub fn tensor_to_rgb8(image: &Tensor) -> candle_core::Result<Rgb8> {
-    let (channels, height, width) = image.dims3()?;
-    if channels != 3 {
-        candle_core::bail!("expected a 3-channel image, got {channels} channels");
-    }
-    let hwc = image
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .permute((1, 2, 0))?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let data = hwc
-        .into_iter()
-        .map(|v| (((v + 1.0) * 127.5).round().clamp(0.0, 255.0)) as u8)
-        .collect();
-    Ok(Rgb8 { width: width as u32, height: height as u32, data })
+    let mut images = pixels::from_tensor(&image.unsqueeze(0)?)?;
+    let rgb = images.pop().expect("from_tensor gives one image per batch entry");
+    Ok(Rgb8 { width: rgb.width(), height: rgb.height(), data: rgb.into_raw() })
 }
 
-/// Converts 8-bit RGB to a `[3, H, W]` f32 tensor in [−1, 1].
+/// Converts 8-bit RGB to a `[3, H, W]` f32 tensor in [−1, 1]
+/// ([`fmboost_models::pixels::to_tensor`] does the arithmetic).
 pub fn rgb8_to_tensor(image: &Rgb8, device: &Device) -> candle_core::Result<Tensor> {
-    let values: Vec<f32> = image.data.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
-    Tensor::from_vec(values, (image.height as usize, image.width as usize, 3), &Device::Cpu)?
-        .permute((2, 0, 1))?
-        .contiguous()?
-        .to_device(device)
+    let rgb = RgbImage::from_raw(image.width, image.height, image.data.clone())
+        .ok_or_else(|| candle_core::Error::Msg(format!("{}x{} RGB image with {} bytes", image.width, image.height, image.data.len())))?;
+    pixels::to_tensor(&[&rgb], device)?.squeeze(0)
 }
 
 /// Pads `image` on the right and bottom to multiples of `multiple` by repeating the last
@@ -150,6 +140,7 @@ pub fn read_png_parameters(bytes: &[u8]) -> Result<Option<String>, png::Decoding
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     fn params() -> GenerationParameters {
         GenerationParameters {

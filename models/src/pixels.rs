@@ -130,7 +130,9 @@ pub fn to_tensor(images: &[&RgbImage], device: &Device) -> candle_core::Result<T
     Tensor::from_vec(data, (images.len(), 3, h as usize, w as usize), &Device::Cpu)?.to_device(device)
 }
 
-/// Turns a `[B, 3, H, W]` tensor in [-1, 1] into 8-bit images (clamped, rounded).
+/// Turns a `[B, 3, H, W]` tensor in [-1, 1] into 8-bit images: `(v + 1) · 127.5`, rounded half
+/// away from zero, clamped to [0, 255]. Every PNG this project writes goes through here, so
+/// the rounding is part of its byte-exact output.
 pub fn from_tensor(t: &Tensor) -> candle_core::Result<Vec<RgbImage>> {
     let (b, c, h, w) = t.dims4()?;
     if c != 3 {
@@ -192,6 +194,17 @@ mod tests {
         assert_eq!(back[1], img);
         let odd = ramp(4, 4);
         assert!(to_tensor(&[&img, &odd], &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn from_tensor_rounds_half_away_from_zero_and_clamps() {
+        // One pixel per channel value: −1, 0 (127.5 → 128), 1, 2 (clamped), −3 (clamped).
+        let values = vec![-1f32, 0.0, 1.0, 2.0, -3.0, 0.5];
+        let t = Tensor::from_vec(values, (1, 3, 1, 2), &Device::Cpu).unwrap();
+        let img = from_tensor(&t).unwrap().remove(0);
+        assert_eq!(img.get_pixel(0, 0).0, [0, 255, 0]);
+        assert_eq!(img.get_pixel(1, 0).0, [128, 255, 191]);
+        assert!(from_tensor(&Tensor::zeros((1, 2, 2, 2), DType::F32, &Device::Cpu).unwrap()).is_err());
     }
 
     #[test]
