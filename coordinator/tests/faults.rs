@@ -212,7 +212,7 @@ async fn coordinator_sigterm_ends_watches_and_the_cli_follows_the_new_one() {
     let mut cluster = Cluster::start(Options { step_ms: 30, ..Options::default() });
     cluster.wait_for_workers([1, 1, 1]).await;
     let out = cluster.dir.path().join("rolled.png");
-    let mut cli = std::process::Command::new(cluster::binary("fmboost"))
+    let cli = std::process::Command::new(cluster::binary("fmboost"))
         .args(["submit", "--profile", "sleep", "--width", "64", "--height", "64", "--steps", "40", "--hops", "1", "--cfm-steps", "5"])
         .args(["--wait", "--out", out.to_str().unwrap(), "--addr", &format!("http://{}", cluster.addr)])
         .stderr(std::process::Stdio::piped())
