@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use fmboost_core::profile::ProfileInfo;
 use fmboost_core::spec::{validate, JobSpec, Limits, Upload};
 use fmboost_engine::local::{LocalPipeline, LocalResult};
-use fmboost_engine::picture::{crop_rgb8, encode_png, pad_to_multiple, read_png_parameters, Rgb8};
+use fmboost_engine::picture::{crop_rgb8, encode_png, pad_to_multiple, Rgb8};
 use fmboost_engine::registry::resolve_profile;
 use fmboost_engine::stack::{Needs, ProfileModels};
 use fmboost_models::device::parse_device;
@@ -60,6 +60,7 @@ pub struct UpscaleArgs {
 
 /// A profile's models and the limits/defaults its jobs are validated with.
 struct Local {
+    models: Arc<ProfileModels>,
     pipeline: LocalPipeline,
     limits: Limits,
 }
@@ -71,7 +72,8 @@ impl Local {
         let (spec, files) = resolve_profile(profile).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
         let models = ProfileModels::load(spec, files, Needs::ALL, &device).map_err(|e| anyhow::anyhow!("--profile {profile}: {e}"))?;
         let limits = Limits::new(vec![info], usize::MAX);
-        Ok(Local { pipeline: LocalPipeline::new(Arc::new(models)), limits })
+        let models = Arc::new(models);
+        Ok(Local { pipeline: LocalPipeline::new(models.clone()), models, limits })
     }
 
     /// Validates `spec` as the coordinator would (the profile name is what the file says).
@@ -121,10 +123,11 @@ pub fn upscale(args: UpscaleArgs) -> anyhow::Result<ExitCode> {
         .to_rgb8();
     let (width, height) = image.dimensions();
     let original = Rgb8 { width, height, data: image.into_raw() };
-    // The autoencoder works on multiples of 8 px: pad by repeating the border, crop after.
-    let padded = pad_to_multiple(&original, 8);
-    let upload = encode_png(&padded, &Default::default()).context("encoding the padded input")?;
     let local = Local::load(&args.profile, &args.device)?;
+    // The autoencoder and the hop UNets need sides of a multiple of some pixels (16 for tiny):
+    // pad by repeating the border, crop the result back.
+    let padded = pad_to_multiple(&original, local.models.pixel_multiple());
+    let upload = encode_png(&padded, &Default::default()).context("encoding the padded input")?;
     let spec = pb::JobSpec {
         source: Some(pb::job_spec::Source::Image(pb::ImageSource { data: upload })),
         seed: args.seed,
@@ -142,7 +145,6 @@ pub fn upscale(args: UpscaleArgs) -> anyhow::Result<ExitCode> {
     parameters.source = Some(format!("{} ({width}x{height} px), upscaled {}x", args.input.display(), args.scale));
     parameters.width = cropped.width;
     parameters.height = cropped.height;
-    debug_assert!(read_png_parameters(&result.png).is_ok());
     let png = encode_png(&cropped, &parameters).context("encoding the PNG")?;
     write(&args.out, &png, "--out")?;
     eprintln!("wrote {} ({}x{} px)", args.out.display(), cropped.width, cropped.height);

@@ -129,6 +129,13 @@ impl ProfileModels {
         Ok(Self { spec, device: device.clone(), base, autoencoder, hops })
     }
 
+    /// The multiple of pixels an input image's sides must have: the autoencoder's 8, times
+    /// what every loaded hop's UNet needs to halve its output `downsamplings` times.
+    pub fn pixel_multiple(&self) -> u32 {
+        let latent_multiple = self.hops.iter().map(|h| (1usize << h.unet.config().downsamplings()).div_ceil(2)).max().unwrap_or(1);
+        (LATENT_FACTOR * latent_multiple) as u32
+    }
+
     /// Hops this profile has.
     pub fn hop_count(&self) -> usize {
         self.spec.hops.len()
