@@ -103,19 +103,19 @@ fn vae_checks(file: &GoldenFile, options: &RunOptions) -> Result<Vec<Check>, Gol
     let ae = vae_from(file, options)?;
     let tol = options.forward_tolerance();
     let mut out = vec![
-        compare(file, "encode (posterior mean)", ae.encode_unscaled(&input(file, "input.image", options)?), "output.latent_mean", tol)?,
+        compare(file, "encode.latent_mean", ae.encode_unscaled(&input(file, "input.image", options)?), "output.latent_mean", tol)?,
         compare(file, "decode", ae.decode_unscaled(&input(file, "output.latent_mean", options)?), "output.decoded", tol)?,
     ];
     if file.has("input.z_big") {
         let z = input(file, "input.z_big", options)?;
-        out.push(compare(file, "decode z_big", ae.decode_unscaled(&z), "output.decoded_big", tol)?);
+        out.push(compare(file, "decode.z_big", ae.decode_unscaled(&z), "output.decoded_big", tol)?);
         let (_, _, h, w) = z.dims4().map_err(|e| file.run_error(e.to_string()))?;
         let tiles = golden_tiles(h, w);
         let scaled = (z * ae.config().scaling_factor).map_err(|e| file.run_error(e.to_string()))?;
         let tiled = ae.decode_tiled(&scaled, &tiles, &mut progress::ignore).map_err(|e| file.run_error(format!("tiled decode: {e}")))?;
         let mae = mean_abs_err(&tiled, file.tensor("output.decoded_big")?).map_err(|e| file.run_error(e.to_string()))?;
         out.push(Check {
-            name: format!("tiled decode z_big, tile {} overlap {} (mean abs err)", tiles.tile, tiles.overlap),
+            name: format!("tiled_decode.z_big.tile{}_overlap{}.mean_abs_err", tiles.tile, tiles.overlap),
             rel_err: mae,
             tolerance: TILED_MAE_TOLERANCE.max(tol),
         });
@@ -212,12 +212,12 @@ fn loop_checks(file: &GoldenFile, options: &RunOptions) -> Result<Vec<Check>, Go
         }
         let (key, steps, guidance) = loop_key(file, "ddim")?;
         let scheduler = Scheduler::new(SchedulerKind::Ddim, &config, steps).map_err(run)?;
-        out.push(timestep_check(file, "ddim timesteps", &scheduler, &format!("ddim.timesteps_{steps}"))?);
+        out.push(timestep_check(file, "ddim.timesteps", &scheduler, &format!("ddim.timesteps_{steps}"))?);
         let start = (&latents * scheduler.init_noise_sigma()).map_err(|e| run(e.to_string()))?;
         let uncond = (guidance > 1.0).then_some(&uncond);
         let result = base::denoise(&unet, start, &cond, uncond, guidance, &scheduler, &mut ReplayNoise::new(vec![]), &mut progress::ignore)
             .map_err(|e| run(format!("ddim loop: {e}")))?;
-        out.push(compare(file, &format!("ddim {steps} steps, guidance {guidance}"), Ok(result.clone()), &key, tol)?);
+        out.push(compare(file, &format!("ddim.{steps}steps_cfg{guidance}"), Ok(result.clone()), &key, tol)?);
         ddim_latents = Some(result);
     }
 
@@ -227,19 +227,19 @@ fn loop_checks(file: &GoldenFile, options: &RunOptions) -> Result<Vec<Check>, Go
         let guidance = raw.get("guidance_scale").and_then(|g| g.as_f64()).unwrap_or(1.0);
         let (key, steps, _) = loop_key(file, "lcm")?;
         let scheduler = Scheduler::new(SchedulerKind::Lcm, &config, steps).map_err(run)?;
-        out.push(timestep_check(file, "lcm timesteps", &scheduler, &format!("lcm.timesteps_{steps}"))?);
+        out.push(timestep_check(file, "lcm.timesteps", &scheduler, &format!("lcm.timesteps_{steps}"))?);
         let draws = (0..steps.saturating_sub(1)).map(|i| input(file, &format!("lcm.step_noise_{i}"), options)).collect::<Result<Vec<_>, _>>()?;
         let start = (&latents * scheduler.init_noise_sigma()).map_err(|e| run(e.to_string()))?;
         let uncond = (guidance > 1.0).then_some(&uncond);
         let result = base::denoise(&unet, start, &cond, uncond, guidance, &scheduler, &mut ReplayNoise::new(draws), &mut progress::ignore)
             .map_err(|e| run(format!("lcm loop: {e}")))?;
-        out.push(compare(file, &format!("lcm {steps} steps, replayed noise"), Ok(result), &key, tol)?);
+        out.push(compare(file, &format!("lcm.{steps}steps_replayed_noise"), Ok(result), &key, tol)?);
     }
 
     if file.has("decoded.ddim_image") {
         let latents = ddim_latents.ok_or_else(|| run("decoded.ddim_image without a ddim loop".into()))?;
         let vae = vae_from(&sibling(file, Family::Vae, "a diffusers VAE golden file (`*encoder.down_blocks.*` keys and a `config`)")?, options)?;
-        out.push(compare(file, "decoded ddim image", vae.decode(&latents), "decoded.ddim_image", tol)?);
+        out.push(compare(file, "decoded.ddim_image", vae.decode(&latents), "decoded.ddim_image", tol)?);
     }
     if out.is_empty() {
         return Err(run("no ddim or lcm loop found".into()));
@@ -255,7 +255,7 @@ fn ldm_checks(file: &GoldenFile, options: &RunOptions) -> Result<Vec<Check>, Gol
     let mean = ae.encode_unscaled(&image).map_err(run)?;
     let decoded = ae.decode_unscaled(&input(file, "output.latent_mean", options)?).map_err(run)?;
     let mut out = vec![
-        compare(file, "encode (posterior mean)", Ok(mean), "output.latent_mean", tol)?,
+        compare(file, "encode.latent_mean", Ok(mean), "output.latent_mean", tol)?,
         compare(file, "decode", Ok(decoded.clone()), "output.decoded", tol)?,
     ];
     if file.has("output.psu_latent") {
@@ -263,7 +263,7 @@ fn ldm_checks(file: &GoldenFile, options: &RunOptions) -> Result<Vec<Check>, Gol
         let (_, _, h, w) = file.tensor("output.psu_latent")?.dims4().map_err(run)?;
         let f = ae.config().downscale();
         let psu = decoded.upsample_bilinear2d(h * f, w * f, false).and_then(|up| ae.encode(&up));
-        out.push(compare(file, "psu latent", psu, "output.psu_latent", tol)?);
+        out.push(compare(file, "psu_latent", psu, "output.psu_latent", tol)?);
     }
     Ok(out)
 }
