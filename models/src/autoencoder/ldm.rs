@@ -48,21 +48,18 @@ impl LdmConfig {
             ));
         }
         let levels = self.ch_mult.len();
+        // The kl-f8 family: SD 1.5's block types, quant convs, mid attention, SiLU and 32
+        // GroupNorm groups; only the sizes come from the ddconfig.
         Ok(AutoencoderConfig {
             in_channels: self.in_channels,
             out_channels: self.out_ch,
             block_out_channels: self.ch_mult.iter().map(|m| m * self.ch).collect(),
             layers_per_block: self.num_res_blocks,
             latent_channels: self.z_channels,
-            norm_num_groups: 32,
             scaling_factor,
-            shift_factor: None,
-            use_quant_conv: true,
-            use_post_quant_conv: true,
-            mid_block_add_attention: true,
             down_block_types: vec!["DownEncoderBlock2D".into(); levels],
             up_block_types: vec!["UpDecoderBlock2D".into(); levels],
-            act_fn: "silu".into(),
+            ..AutoencoderConfig::sd15()
         })
     }
 }

@@ -19,6 +19,8 @@ mod unet;
 
 pub use checkpoint::{load_unet, load_unet_file, parameter_count, parameter_shapes, LoadError, LoadReport, Mismatch, WeightSource, PREFIXES};
 pub use config::{UNetConfig, NORM_GROUPS};
+#[cfg(test)]
+pub(crate) use config::tiny as test_config;
 pub use conv::conv3x3;
 pub use cost::flops_per_forward;
 pub use layers::timestep_embedding;

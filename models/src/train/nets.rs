@@ -75,21 +75,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn unet_config() -> UNetConfig {
-        UNetConfig {
-            in_channels: 8,
-            model_channels: 32,
-            out_channels: 4,
-            num_res_blocks: 1,
-            attention_resolutions: vec![2],
-            channel_mult: vec![1, 2],
-            dim_head: 16,
-            num_heads: 2,
-            use_linear_attn: false,
-            use_scale_shift_norm: true,
-            conv_resample: true,
-            dropout: 0.0,
-            pool_factor: None,
-        }
+        crate::cfm::test_config(false)
     }
 
     fn ae_config() -> AutoencoderConfig {
