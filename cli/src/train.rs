@@ -11,7 +11,7 @@ use std::time::UNIX_EPOCH;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use clap::{Args as ClapArgs, Subcommand};
 use fmboost_models::autoencoder::{Autoencoder, AutoencoderConfig};
 use fmboost_models::cfm::{alpha_bar_cosine, upsample, EfficientUNet, UNetConfig, UpsampleMode, DIFFUSION_STEPS};
@@ -20,6 +20,7 @@ use fmboost_models::rng::{rng_for, Stream};
 use fmboost_models::train::checkpoint::{self, META_CONFIG, META_KIND};
 use fmboost_models::train::export::{export_autoencoder, export_unet};
 use fmboost_models::train::{
+    seeded_var_builder,
     latent_scale, named_vars, presets, AdamConfig, AutoencoderObjective, BaseObjective, CfmHopObjective, EmaConfig, LatentSet,
     LossLog, Objective, PhotoSet, TrainConfig, TrainError, Trainer, Zoom, AUTOENCODER_LAYOUT, UNET_LAYOUT,
 };
@@ -258,7 +259,7 @@ fn train_autoencoder(a: AutoencoderArgs) -> Result<()> {
     };
     config.validate().map_err(|e| anyhow::anyhow!("--config: {e}"))?;
     let varmap = VarMap::new();
-    let model = Autoencoder::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &run.device))?;
+    let model = Autoencoder::new(&config, seeded_var_builder(&varmap, a.run.seed, DType::F32, &run.device))?;
     let meta = BTreeMap::from([
         (META_KIND.to_string(), "autoencoder".to_string()),
         (META_CONFIG.to_string(), serde_json::to_string(&config)?),
@@ -359,7 +360,7 @@ fn start_unet(
     extra: &HashMap<String, String>,
 ) -> Result<(EfficientUNet, Trainer)> {
     let varmap = VarMap::new();
-    let net = EfficientUNet::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &run.device))?;
+    let net = EfficientUNet::new(config, seeded_var_builder(&varmap, run_args.seed, DType::F32, &run.device))?;
     let mut meta: BTreeMap<String, String> = extra.clone().into_iter().collect();
     meta.insert(META_KIND.into(), kind.into());
     meta.insert(META_CONFIG.into(), serde_json::to_string(config)?);

@@ -7,6 +7,7 @@
 //! - [`train`]: the trainer (autoencoder, CFM hops, base generator).
 //! - [`weights`]: safetensors/config loading with one error for all missing keys.
 //! - [`rng`]: seeded noise drawn on the CPU (see "Determinism" in the architecture doc).
+//! - [`init`]: seeded initial weights, so a training run (or a random benchmark network) is reproducible.
 //! - [`pixels`]: 8-bit RGB photos: loading, area downsampling, crops, tensor conversion.
 //! - [`eval`]: PSNR/SSIM evaluation of upscalers on photo crops.
 
@@ -16,6 +17,7 @@ pub mod cfm;
 pub mod device;
 pub mod eval;
 pub mod golden;
+pub mod init;
 pub mod pixels;
 pub mod progress;
 pub mod rng;

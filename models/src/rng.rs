@@ -18,6 +18,8 @@ pub enum Stream {
     Cfm(u32),
     /// Training data order and noise.
     Train,
+    /// Initial weights of a network to train (one stream per parameter name).
+    Init,
 }
 
 impl Stream {
@@ -26,6 +28,7 @@ impl Stream {
             Stream::Base => 0x0100_0000,
             Stream::Cfm(hop) => 0x0200_0000 | hop as u64,
             Stream::Train => 0x0300_0000,
+            Stream::Init => 0x0400_0000,
         }
     }
 }

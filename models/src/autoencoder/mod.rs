@@ -162,15 +162,13 @@ impl Autoencoder {
         })
     }
 
-    /// Fresh, untrained weights (convolutions Kaiming-initialised, norms identity) as plain
-    /// tensors, for inference benchmarks. (Training builds with [`Self::new`] on a `VarMap`;
-    /// variables make every forward keep its graph for the backward pass.)
+    /// Fresh, untrained weights (convolutions Kaiming-initialised, norms identity, always drawn
+    /// from the same seed) as plain tensors, for inference benchmarks and tests. (Training
+    /// builds with [`Self::new`] on [`crate::train::seeded_var_builder`]: variables make every
+    /// forward keep its graph for the backward pass.)
     pub fn random(config: &AutoencoderConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let map = candle_nn::VarMap::new();
-        Self::new(config, VarBuilder::from_varmap(&map, dtype, device))?;
-        let tensors = map.data().lock().map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?;
-        let plain = tensors.iter().map(|(name, var)| (name.clone(), var.as_tensor().detach())).collect();
-        Self::new(config, VarBuilder::from_tensors(plain, dtype, device))
+        let weights = crate::init::seeded_tensors(0, dtype, device, |vb| Self::new(config, vb))?;
+        Self::new(config, VarBuilder::from_tensors(weights, dtype, device))
     }
 
     /// Builds from diffusers-named tensors (an optional leading prefix such as `vae.` is

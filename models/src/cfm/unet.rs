@@ -111,18 +111,11 @@ impl EfficientUNet {
         })
     }
 
-    /// A network with freshly initialised weights (candle's default initialisers), detached
-    /// from any autograd graph: for benchmarks and tests, not for training (use a `VarMap`).
+    /// A network with fresh weights (candle's initialisers, always drawn from the same seed),
+    /// detached from any autograd graph: for benchmarks and tests, not for training (use
+    /// [`crate::train::seeded_var_builder`]).
     pub fn random(config: &UNetConfig, device: &Device, dtype: DType) -> Result<Self> {
-        let varmap = candle_nn::VarMap::new();
-        Self::new(config, VarBuilder::from_varmap(&varmap, dtype, device))?;
-        let weights = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::msg("VarMap lock poisoned"))?
-            .iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-            .collect();
+        let weights = crate::init::seeded_tensors(0, dtype, device, |vb| Self::new(config, vb))?;
         Self::new(config, VarBuilder::from_tensors(weights, dtype, device))
     }
 

@@ -154,7 +154,7 @@ mod tests {
         let low = high.avg_pool2d(2).unwrap();
         let data = LatentSet { high, low: Some(low) };
         let varmap = VarMap::new();
-        let net = TinyNet::new(2, 2, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let net = TinyNet::new(2, 2, crate::init::seeded_var_builder(&varmap, 1, DType::F32, &Device::Cpu)).unwrap();
         let resize = |z: &Tensor, hw: (usize, usize)| z.upsample_nearest2d(hw.0, hw.1);
         let mut objective = CfmHopObjective { net: &net, data: &data, batch: 4, alpha_bar: 0.6, resize: &resize, device: Device::Cpu };
         let before = mean_loss(&mut objective, 1);
@@ -168,7 +168,7 @@ mod tests {
     fn base_loss_falls_on_a_small_batch() {
         let data = LatentSet { high: smooth_latents(4, 2, 8), low: None };
         let varmap = VarMap::new();
-        let net = TinyNet::new(2, 0, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let net = TinyNet::new(2, 0, crate::init::seeded_var_builder(&varmap, 2, DType::F32, &Device::Cpu)).unwrap();
         let mut objective = BaseObjective { net: &net, data: &data, batch: 4, device: Device::Cpu };
         let before = mean_loss(&mut objective, 1);
         let mut t = trainer(named_vars(&varmap), 60);
@@ -181,7 +181,7 @@ mod tests {
     fn hop_without_low_res_latents_is_an_error() {
         let data = LatentSet { high: smooth_latents(2, 2, 8), low: None };
         let varmap = VarMap::new();
-        let net = TinyNet::new(2, 2, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let net = TinyNet::new(2, 2, crate::init::seeded_var_builder(&varmap, 3, DType::F32, &Device::Cpu)).unwrap();
         let resize = |z: &Tensor, hw: (usize, usize)| z.upsample_nearest2d(hw.0, hw.1);
         let mut objective = CfmHopObjective { net: &net, data: &data, batch: 2, alpha_bar: 0.6, resize: &resize, device: Device::Cpu };
         let err = objective.loss(&mut rng_for(0, Stream::Train)).unwrap_err().to_string();

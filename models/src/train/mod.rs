@@ -33,4 +33,5 @@ pub use trainer::{Objective, StepReport, TrainConfig, TrainError, Trainer};
 pub use autoencoder::{latent_scale, AutoencoderObjective, VariationalAutoencoder};
 pub use data::{LatentEncoder, LatentSet, PhotoSet, Zoom};
 pub use flow::{BaseObjective, CfmHopObjective, VelocityNet};
+pub use crate::init::seeded_var_builder;
 pub use nets::{named_vars, parameters_without_gradient};

@@ -71,7 +71,7 @@ mod tests {
     use crate::train::flow::CfmHopObjective;
     use crate::train::{AdamConfig, AutoencoderObjective, Objective, TrainConfig, Trainer};
     use candle_core::{DType, Device};
-    use candle_nn::VarBuilder;
+    use crate::train::seeded_var_builder;
     use std::collections::BTreeMap;
 
     fn unet_config() -> UNetConfig {
@@ -110,7 +110,7 @@ mod tests {
     #[test]
     fn every_unet_parameter_gets_a_gradient_and_the_hop_loss_falls() {
         let varmap = VarMap::new();
-        let net = EfficientUNet::new(&unet_config(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let net = EfficientUNet::new(&unet_config(), seeded_var_builder(&varmap, 1, DType::F32, &Device::Cpu)).unwrap();
         let mut rng = rng_for(1, Stream::Train);
         let coarse = rng.randn(&[4, 4, 2, 2], &Device::Cpu).unwrap();
         let high = coarse.upsample_nearest2d(8, 8).unwrap();
@@ -133,7 +133,7 @@ mod tests {
     #[test]
     fn every_autoencoder_parameter_gets_a_gradient_and_the_loss_falls() {
         let varmap = VarMap::new();
-        let ae = Autoencoder::new(&ae_config(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let ae = Autoencoder::new(&ae_config(), seeded_var_builder(&varmap, 2, DType::F32, &Device::Cpu)).unwrap();
         let img = image::RgbImage::from_fn(48, 48, |x, y| {
             let v = |a: f32| (127.0 + 90.0 * a.sin()) as u8;
             image::Rgb([v(x as f32 / 5.0), v(y as f32 / 7.0), v((x + y) as f32 / 9.0)])
@@ -154,7 +154,7 @@ mod tests {
 
         let before = mean_loss(&mut objective);
         let meta = BTreeMap::from([(META_KIND.to_string(), "autoencoder".to_string())]);
-        let mut trainer = Trainer::new(params, config(30, 3e-3, false), AUTOENCODER_LAYOUT, meta).unwrap();
+        let mut trainer = Trainer::new(params, config(60, 3e-3, false), AUTOENCODER_LAYOUT, meta).unwrap();
         trainer.fit(&mut objective, None, None, &mut |_| crate::progress::Flow::Continue).unwrap();
         let after = mean_loss(&mut objective);
         assert!(after < 0.7 * before, "{before} → {after}");
