@@ -9,6 +9,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, linear, ops, Conv2d, Conv2dConfig, Linear, VarBuilder};
 
+use crate::cfm::Conv3x3;
+
 use super::AutoencoderConfig;
 
 /// GroupNorm epsilon of the whole autoencoder (diffusers and LDM alike).
@@ -99,17 +101,19 @@ impl GroupNorm {
     }
 }
 
-fn conv3x3(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(c_in, c_out, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)
+/// The UNet's fast 3×3 convolution (shifted GEMMs forward and backward on the CPU in f32,
+/// candle's conv2d elsewhere); same weights and initialisation as `candle_nn::conv2d`.
+fn conv3x3(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Conv3x3> {
+    Conv3x3::new(c_in, c_out, vb)
 }
 
 /// GroupNorm → SiLU → conv, twice, with a 1×1 shortcut when the width changes.
 #[derive(Debug, Clone)]
 struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv3x3,
     norm2: GroupNorm,
-    conv2: Conv2d,
+    conv2: Conv3x3,
     shortcut: Option<Conv2d>,
 }
 
@@ -242,7 +246,7 @@ impl DownBlock {
 struct UpBlock {
     resnets: Vec<ResnetBlock>,
     /// Nearest ×2 then a 3×3 conv.
-    upsample: Option<Conv2d>,
+    upsample: Option<Conv3x3>,
 }
 
 impl UpBlock {
@@ -264,11 +268,11 @@ impl UpBlock {
 /// Image → `2 · latent_channels` moments (before `quant_conv`).
 #[derive(Debug, Clone)]
 pub(super) struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Encoder {
@@ -315,11 +319,11 @@ impl Module for Encoder {
 /// Latent (after `post_quant_conv`) → image.
 #[derive(Debug, Clone)]
 pub(super) struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Decoder {

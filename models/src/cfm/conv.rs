@@ -6,7 +6,7 @@
 //! `W[:, :, kh, kw] · shifted(x)` straight out of it, with no im2col matrix. Outputs are
 //! computed on the padded width (two junk columns a row, dropped when copying out) in
 //! cache-sized column tiles, with the bias as the tiles' initial value. The backward pass is
-//! candle's own conv2d backward, so training sees exactly the gradients of `conv2d`.
+//! shifted GEMMs too (tested against candle's conv2d gradients).
 //! Elsewhere (CUDA, other dtypes) it is candle's `conv2d`.
 
 
@@ -196,9 +196,26 @@ impl CustomOp3 for ShiftedGemmConv {
     }
 
     fn bwd(&self, x: &Tensor, weight: &Tensor, _bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // candle's conv2d backward for padding 1, stride 1, dilation 1.
-        let grad_x = grad.conv_transpose2d(weight, 1, 0, 1, 1)?;
-        let grad_w = x.transpose(0, 1)?.conv2d(&grad.transpose(0, 1)?, 1, 1, 1, 1)?.transpose(0, 1)?;
+        // Also shifted GEMMs (candle's conv_transpose2d on the CPU is a direct loop, many
+        // times slower): the input gradient is this same convolution of the output gradient
+        // with the kernel transposed and flipped; the weight gradient is, for each of the
+        // nine taps, grad · shifted(x)ᵀ summed over the batch.
+        let (b, c_in, h, w) = x.dims4()?;
+        let c_out = weight.dim(0)?;
+        let flip = Tensor::new(&[2u32, 1, 0], x.device())?;
+        let w_flipped = weight.transpose(0, 1)?.contiguous()?.index_select(&flip, 2)?.index_select(&flip, 3)?;
+        let grad_x = conv3x3(grad, &w_flipped, &Tensor::zeros(c_in, DType::F32, x.device())?)?;
+
+        let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+        let grad_rows = grad.reshape((b, c_out, h * w))?;
+        let mut taps = Vec::with_capacity(9);
+        for kh in 0..3 {
+            for kw in 0..3 {
+                let shifted = padded.narrow(2, kh, h)?.narrow(3, kw, w)?.contiguous()?.reshape((b, c_in, h * w))?;
+                taps.push(grad_rows.matmul(&shifted.transpose(1, 2)?)?.sum(0)?);
+            }
+        }
+        let grad_w = Tensor::stack(&taps, 2)?.reshape((c_out, c_in, 3, 3))?;
         let grad_b = grad.sum((0, 2, 3))?;
         Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     }

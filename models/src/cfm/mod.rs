@@ -22,6 +22,7 @@ pub use config::{UNetConfig, NORM_GROUPS};
 #[cfg(test)]
 pub(crate) use config::tiny as test_config;
 pub use conv::conv3x3;
+pub(crate) use conv::Conv3x3;
 pub use cost::flops_per_forward;
 pub use layers::timestep_embedding;
 pub use norm::group_norm;
