@@ -1,7 +1,7 @@
 //! The architectures of the tiny embedded chain: 64 px → 128 px → 256 px images, latents
 //! 8² → 16² → 32², sized for training and sampling on a 2-core CPU.
 //!
-//! Parameter counts (f32 bytes): autoencoder 0.98 M (3.9 MB), base UNet and each hop UNet
+//! Parameter counts (f32 bytes): autoencoder 0.95 M (3.8 MB), base UNet and each hop UNet
 //! ≈ 1.75 M (7 MB): ≈ 6.2 M parameters, ≈ 25 MB in all.
 
 use crate::autoencoder::AutoencoderConfig;
