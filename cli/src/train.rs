@@ -61,6 +61,11 @@ struct RunArgs {
     /// Linear warm-up steps from 0 to --lr.
     #[arg(long, default_value_t = 100)]
     warmup: u64,
+    /// Linear decay of the rate from --lr to 0 over the last this many of --steps (0: constant
+    /// after the warm-up). The steps before the decay are those of a run without it, so a
+    /// constant-rate run can be resumed into its cool-down.
+    #[arg(long, default_value_t = 0)]
+    cooldown: u64,
     /// Global gradient-norm clipping; 0 disables it.
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
@@ -178,6 +183,9 @@ impl RunArgs {
         if !(self.grad_clip >= 0.0) {
             bail!("--grad-clip {} must be ≥ 0", self.grad_clip);
         }
+        if self.cooldown > self.steps {
+            bail!("--cooldown {} must be ≤ --steps {}", self.cooldown, self.steps);
+        }
         Ok(())
     }
 
@@ -202,6 +210,7 @@ impl RunArgs {
             steps: self.steps,
             lr: self.lr,
             warmup_steps: self.warmup,
+            cooldown_steps: self.cooldown,
             adam: AdamConfig::default(),
             grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
             ema,
@@ -471,6 +480,8 @@ mod tests {
         assert!(err.to_string().contains("--resume"), "{err}");
         let err = run_args(&["--data", "/nonexistent/photos", "--out", out_str, "--steps", "5"]).prepare().err().unwrap();
         assert!(format!("{err:#}").contains("--data /nonexistent/photos"), "{err:#}");
+        let err = run_args(&["--data", data, "--out", out_str, "--steps", "5", "--cooldown", "6"]).prepare().err().unwrap();
+        assert!(err.to_string().contains("--cooldown 6"), "{err}");
         let err = run_args(&["--data", data, "--out", out_str, "--steps", "5", "--device", "tpu"]).prepare().err().unwrap();
         assert!(err.to_string().contains("tpu"), "{err}");
 

@@ -158,6 +158,7 @@ mod tests {
             steps: 80,
             lr: 1e-2,
             warmup_steps: 0,
+            cooldown_steps: 0,
             adam: AdamConfig::default(),
             grad_clip: None,
             ema: None,

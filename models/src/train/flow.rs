@@ -122,6 +122,7 @@ mod tests {
             steps,
             lr: 3e-3,
             warmup_steps: 0,
+            cooldown_steps: 0,
             adam: AdamConfig::default(),
             grad_clip: Some(1.0),
             ema: Some(Default::default()),

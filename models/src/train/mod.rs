@@ -1,7 +1,7 @@
 //! The trainer (issue D): the optimisation loop and its parts, shared by the autoencoder, the
 //! CFM upsamplers and the base latent generator.
 //!
-//! - [`optim`]: Adam(W) with saveable state, the reference's warm-up schedule, gradient clipping.
+//! - [`optim`]: Adam(W) with saveable state, the reference's warm-up schedule (+ optional cool-down), gradient clipping.
 //! - [`ema`]: the reference's EMA (decay 0.999 with its inverse-gamma warm-up).
 //! - [`checkpoint`]: resumable safetensors checkpoints with the reference's key names.
 //! - [`log`]: the JSONL loss log.
@@ -28,7 +28,7 @@ pub mod trainer;
 pub use checkpoint::{Checkpoint, CheckpointError, Layout, AUTOENCODER_LAYOUT, UNET_LAYOUT};
 pub use ema::{Ema, EmaConfig};
 pub use log::LossLog;
-pub use optim::{clip_grad_norm, Adam, AdamConfig, WarmupSchedule};
+pub use optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 pub use trainer::{Objective, StepReport, TrainConfig, TrainError, Trainer};
 pub use autoencoder::{latent_scale, AutoencoderObjective, VariationalAutoencoder};
 pub use data::{LatentEncoder, LatentSet, PhotoSet, Zoom};

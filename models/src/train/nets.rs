@@ -99,6 +99,7 @@ mod tests {
             steps,
             lr,
             warmup_steps: 0,
+            cooldown_steps: 0,
             adam: AdamConfig::default(),
             grad_clip: Some(1.0),
             ema: ema.then(Default::default),

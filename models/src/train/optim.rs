@@ -1,5 +1,5 @@
-//! Adam(W) with named, saveable state; the reference's constant-with-warm-up learning rate;
-//! gradient clipping by global norm.
+//! Adam(W) with named, saveable state; the reference's constant-with-warm-up learning rate
+//! (with an optional linear cool-down); gradient clipping by global norm.
 //!
 //! candle-nn's `AdamW` keeps its moments private, so a run could not be resumed exactly; this
 //! one exposes them by parameter name for the checkpoint.
@@ -26,17 +26,27 @@ impl Default for AdamConfig {
     }
 }
 
-/// The reference's `get_constant_schedule_with_warmup`: the learning rate of 0-based step `k`
-/// is `lr · k / warmup` while `k < warmup`, then `lr` (so step 0 has rate 0, as there).
+/// The learning rate per step: the reference's `get_constant_schedule_with_warmup` (rate of
+/// 0-based step `k` is `lr · k / warmup` while `k < warmup`, so step 0 has rate 0, as there),
+/// optionally ending in a linear cool-down to 0 over the last `cooldown_steps` of
+/// `total_steps` (warm-up, stable, decay). The stable phase does not depend on the cool-down,
+/// so a constant-rate run can be resumed into one.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WarmupSchedule {
+pub struct LrSchedule {
     pub lr: f64,
     pub warmup_steps: u64,
+    pub total_steps: u64,
+    /// 0: constant after the warm-up.
+    pub cooldown_steps: u64,
 }
 
-impl WarmupSchedule {
+impl LrSchedule {
     pub fn lr_at(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
+        let decay_start = self.total_steps.saturating_sub(self.cooldown_steps);
+        if self.cooldown_steps > 0 && step >= decay_start {
+            // Step total−cooldown has the full rate, the last step (total−1) lr/cooldown.
+            self.lr * self.total_steps.saturating_sub(step) as f64 / self.cooldown_steps as f64
+        } else if step < self.warmup_steps {
             self.lr * step as f64 / self.warmup_steps as f64
         } else {
             self.lr
@@ -162,10 +172,19 @@ mod tests {
 
     #[test]
     fn warmup_is_linear_from_zero_then_constant() {
-        let s = WarmupSchedule { lr: 1e-3, warmup_steps: 4 };
+        let s = LrSchedule { lr: 1e-3, warmup_steps: 4, total_steps: 6, cooldown_steps: 0 };
         let lrs: Vec<f64> = (0..6).map(|k| s.lr_at(k)).collect();
         assert_eq!(lrs, vec![0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3]);
-        assert_eq!(WarmupSchedule { lr: 0.1, warmup_steps: 0 }.lr_at(0), 0.1);
+        assert_eq!(LrSchedule { lr: 0.1, warmup_steps: 0, total_steps: 1, cooldown_steps: 0 }.lr_at(0), 0.1);
+    }
+
+    #[test]
+    fn cooldown_decays_linearly_over_the_last_steps_and_leaves_the_rest_alone() {
+        let s = LrSchedule { lr: 1.0, warmup_steps: 2, total_steps: 8, cooldown_steps: 4 };
+        let lrs: Vec<f64> = (0..8).map(|k| s.lr_at(k)).collect();
+        assert_eq!(lrs, vec![0.0, 0.5, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]);
+        let constant = LrSchedule { cooldown_steps: 0, ..s };
+        assert!((0..4).all(|k| s.lr_at(k) == constant.lr_at(k)), "the stable phase must not depend on the cool-down");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The optimisation loop shared by every model: warm-up schedule, Adam, gradient clipping,
+//! The optimisation loop shared by every model: learning-rate schedule, Adam, gradient clipping,
 //! EMA, checkpoints, loss log and a per-step callback (progress bar, cancellation).
 //!
 //! Determinism: step `k` draws all its randomness (data order, crops, noise, t) from the
@@ -14,7 +14,7 @@ use candle_core::{Tensor, Var};
 use super::checkpoint::{self, Checkpoint, CheckpointError, Layout, Snapshot};
 use super::ema::{Ema, EmaConfig};
 use super::log::LossLog;
-use super::optim::{clip_grad_norm, Adam, AdamConfig, WarmupSchedule};
+use super::optim::{clip_grad_norm, Adam, AdamConfig, LrSchedule};
 use crate::progress::Flow;
 use crate::rng::{rng_for, NoiseRng, Stream};
 
@@ -25,6 +25,9 @@ pub struct TrainConfig {
     pub steps: u64,
     pub lr: f64,
     pub warmup_steps: u64,
+    /// Linear decay of the rate to 0 over the last this many of `steps`; 0: none.
+    #[serde(default)]
+    pub cooldown_steps: u64,
     pub adam: AdamConfig,
     /// Global-norm gradient clipping; `None` disables it.
     pub grad_clip: Option<f64>,
@@ -72,7 +75,7 @@ pub enum TrainError {
 /// A run in progress.
 pub struct Trainer {
     config: TrainConfig,
-    schedule: WarmupSchedule,
+    schedule: LrSchedule,
     adam: Adam,
     ema: Option<Ema>,
     layout: Layout,
@@ -95,6 +98,9 @@ impl Trainer {
         if !(config.lr > 0.0 && config.lr.is_finite()) {
             return bad("lr", format!("{} must be a positive number", config.lr));
         }
+        if config.cooldown_steps > config.steps {
+            return bad("cooldown_steps", format!("{} must be ≤ steps ({})", config.cooldown_steps, config.steps));
+        }
         if let Some(c) = config.grad_clip.filter(|c| !(*c > 0.0)) {
             return bad("grad_clip", format!("{c} must be > 0"));
         }
@@ -106,7 +112,12 @@ impl Trainer {
         }
         let ema = config.ema.map(|c| Ema::new(&params, c)).transpose()?;
         let adam = Adam::new(params, config.adam)?;
-        let schedule = WarmupSchedule { lr: config.lr, warmup_steps: config.warmup_steps };
+        let schedule = LrSchedule {
+            lr: config.lr,
+            warmup_steps: config.warmup_steps,
+            total_steps: config.steps,
+            cooldown_steps: config.cooldown_steps,
+        };
         Ok(Self { config, schedule, adam, ema, layout, metadata, step: 0 })
     }
 
@@ -225,6 +236,10 @@ mod tests {
     }
 
     fn setup(steps: u64) -> (Line, Trainer) {
+        setup_with_cooldown(steps, 0)
+    }
+
+    fn setup_with_cooldown(steps: u64, cooldown_steps: u64) -> (Line, Trainer) {
         let w = Var::from_slice(&[0.0f32], 1, &Device::Cpu).unwrap();
         let b = Var::from_slice(&[0.0f32], 1, &Device::Cpu).unwrap();
         let params = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
@@ -232,6 +247,7 @@ mod tests {
             steps,
             lr: 0.05,
             warmup_steps: 2,
+            cooldown_steps,
             adam: AdamConfig::default(),
             grad_clip: Some(1.0),
             ema: Some(EmaConfig { update_after_step: 5, ..EmaConfig::default() }),
@@ -290,6 +306,24 @@ mod tests {
     }
 
     #[test]
+    fn a_cooldown_changes_only_the_last_steps() {
+        let rates = |cooldown| {
+            let (mut line, mut trainer) = setup_with_cooldown(10, cooldown);
+            let mut lrs = Vec::new();
+            trainer
+                .fit(&mut line, None, None, &mut |r| {
+                    lrs.push(r.lr);
+                    Flow::Continue
+                })
+                .unwrap();
+            lrs
+        };
+        let (constant, cooled) = (rates(0), rates(4));
+        assert_eq!(constant[..6], cooled[..6]);
+        assert_eq!(cooled[6..], [4.0, 3.0, 2.0, 1.0].map(|k| 0.05 * k / 4.0));
+    }
+
+    #[test]
     fn bad_settings_name_their_field() {
         let w = Var::from_slice(&[0.0f32], 1, &Device::Cpu).unwrap();
         let (_, trainer) = setup(1);
@@ -298,6 +332,10 @@ mod tests {
         let meta = BTreeMap::from([(META_KIND.to_string(), "cfm".to_string())]);
         let err = Trainer::new(vec![("w".into(), w.clone())], config, UNET_LAYOUT, meta.clone()).err().unwrap();
         assert!(err.to_string().contains("`lr`"), "{err}");
+        let mut config = trainer.config.clone();
+        config.cooldown_steps = config.steps + 1;
+        let err = Trainer::new(vec![("w".into(), w.clone())], config, UNET_LAYOUT, meta.clone()).err().unwrap();
+        assert!(err.to_string().contains("`cooldown_steps`"), "{err}");
         let mut config = trainer.config.clone();
         config.ema = None;
         let err = Trainer::new(vec![("w".into(), w)], config, UNET_LAYOUT, meta).err().unwrap();
