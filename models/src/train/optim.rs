@@ -42,14 +42,14 @@ pub struct LrSchedule {
 
 impl LrSchedule {
     pub fn lr_at(&self, step: u64) -> f64 {
+        let warm = if step < self.warmup_steps { self.lr * step as f64 / self.warmup_steps as f64 } else { self.lr };
         let decay_start = self.total_steps.saturating_sub(self.cooldown_steps);
         if self.cooldown_steps > 0 && step >= decay_start {
-            // Step total−cooldown has the full rate, the last step (total−1) lr/cooldown.
-            self.lr * self.total_steps.saturating_sub(step) as f64 / self.cooldown_steps as f64
-        } else if step < self.warmup_steps {
-            self.lr * step as f64 / self.warmup_steps as f64
+            // Step total−cooldown has the full rate, the last step (total−1) lr/cooldown; where
+            // warm-up and decay overlap (short runs) the lower rate wins, so the rate never jumps.
+            warm.min(self.lr * self.total_steps.saturating_sub(step) as f64 / self.cooldown_steps as f64)
         } else {
-            self.lr
+            warm
         }
     }
 }
@@ -185,6 +185,10 @@ mod tests {
         assert_eq!(lrs, vec![0.0, 0.5, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]);
         let constant = LrSchedule { cooldown_steps: 0, ..s };
         assert!((0..4).all(|k| s.lr_at(k) == constant.lr_at(k)), "the stable phase must not depend on the cool-down");
+        let overlapping = LrSchedule { lr: 1.0, warmup_steps: 8, total_steps: 10, cooldown_steps: 5 };
+        let lrs: Vec<f64> = (4..10).map(|k| overlapping.lr_at(k)).collect();
+        // Warm-up 4/8 … 7/8 and decay 5/5 … 1/5 overlap over steps 5–7: the lower one wins.
+        assert_eq!(lrs, vec![0.5, 0.625, 0.75, 0.6, 0.4, 0.2]);
     }
 
     #[test]
