@@ -5,7 +5,7 @@ mod process;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use fmboost_proto::v1 as pb;
 
 use crate::args::WorkerCounts;
 use crate::client::Clients;
-pub use process::{log_tail, Managed, Spawner};
+pub use process::{Managed, Spawner};
 
 pub struct ClusterConfig {
     pub bin_dir: PathBuf,
@@ -51,10 +51,33 @@ pub struct LocalCluster {
     started: u64,
 }
 
-/// A port the kernel just handed out on loopback (free unless someone takes it meanwhile).
+/// Tries at a first start whose port turned out taken (a new port each time).
+const PORT_ATTEMPTS: usize = 4;
+
+/// A server found its port taken at startup (see [`fmboost_core::net::free_loopback_port`]).
+#[derive(Debug)]
+struct PortTaken {
+    server: &'static str,
+    port: u16,
+    detail: String,
+}
+
+impl std::fmt::Display for PortTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} could not have port {}: {}", self.server, self.port, self.detail)
+    }
+}
+
+impl std::error::Error for PortTaken {}
+
+#[derive(Clone, Copy)]
+enum Server {
+    Redis,
+    Coordinator,
+}
+
 fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(listener.local_addr()?.port())
+    fmboost_core::net::free_loopback_port().context("finding a free loopback port")
 }
 
 /// `bin_dir/name`, which must exist.
@@ -93,8 +116,8 @@ impl LocalCluster {
             coordinator_addr,
             started: 0,
         };
-        cluster.start_redis().await?;
-        cluster.start_coordinator().await?;
+        cluster.first_start(Server::Redis).await?;
+        cluster.first_start(Server::Coordinator).await?;
         for kind in StageKind::ALL {
             for _ in 0..cluster.config.workers.get(kind) {
                 cluster.start_worker(kind)?;
@@ -102,6 +125,30 @@ impl LocalCluster {
         }
         cluster.wait_for_workers().await?;
         Ok(cluster)
+    }
+
+    /// Starts `server` for the first time, on another port while the chosen one turns out
+    /// taken. Restarts never move: workers and clients already use the address.
+    async fn first_start(&mut self, server: Server) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        loop {
+            let result = match server {
+                Server::Redis => self.start_redis().await,
+                Server::Coordinator => self.start_coordinator().await,
+            };
+            match result {
+                Err(err) if attempt < PORT_ATTEMPTS && err.is::<PortTaken>() => {
+                    tracing::warn!("{err}; trying another port");
+                    let port = free_port()?;
+                    match server {
+                        Server::Redis => self.redis_port = port,
+                        Server::Coordinator => self.coordinator_addr.set_port(port),
+                    }
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     pub fn redis_url(&self) -> String {
@@ -124,13 +171,22 @@ impl LocalCluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = redis.exited()? {
-                bail!("redis-server exited ({status}) at startup; its log:\n{}", redis.log_tail());
+                let log = redis.log_excerpt();
+                if fmboost_core::net::says_address_in_use(&log) {
+                    bail!(PortTaken { server: "redis-server", port: self.redis_port, detail: log });
+                }
+                bail!("redis-server exited ({status}) at startup; its log:\n{log}");
             }
-            if redis_ping(self.redis_port).is_ok() {
-                break;
+            // The pid tells our server from another one that holds the port.
+            if let Ok(pid) = redis_pid(self.redis_port) {
+                if Some(pid) == redis.pid() {
+                    break;
+                }
+                redis.kill()?;
+                bail!(PortTaken { server: "redis-server", port: self.redis_port, detail: format!("redis-server pid {pid} (not ours) answers there") });
             }
             if Instant::now() > deadline {
-                bail!("redis-server did not answer PING within 10 s; its log:\n{}", redis.log_tail());
+                bail!("redis-server did not answer INFO within 10 s; its log:\n{}", redis.log_excerpt());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -163,13 +219,17 @@ impl LocalCluster {
         let deadline = Instant::now() + self.config.startup_timeout;
         loop {
             if let Some(exit) = coordinator.exited()? {
-                bail!("the coordinator exited ({exit}) at startup; its log:\n{}", coordinator.log_tail());
+                let log = coordinator.log_excerpt();
+                if fmboost_core::net::says_address_in_use(&log) {
+                    bail!(PortTaken { server: "the coordinator", port: self.coordinator_addr.port(), detail: log });
+                }
+                bail!("the coordinator exited ({exit}) at startup; its log:\n{log}");
             }
             if status.get().await.is_ok() {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("the coordinator did not answer ClusterStatus in {:?}; its log:\n{}", self.config.startup_timeout, coordinator.log_tail());
+                bail!("the coordinator did not answer ClusterStatus in {:?}; its log:\n{}", self.config.startup_timeout, coordinator.log_excerpt());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -239,13 +299,13 @@ impl LocalCluster {
     }
 
     /// Processes (current or replaced) that exited although the harness never stopped them,
-    /// with their exit status and log tail.
+    /// with their exit status and log (head and tail).
     pub fn unexpected_exits(&mut self) -> anyhow::Result<Vec<String>> {
         let all = self.coordinator.iter_mut().chain(self.redis.iter_mut()).chain(self.workers.values_mut().flatten()).chain(self.retired.iter_mut());
         let mut exits = Vec::new();
         for process in all {
             if let Some(status) = process.died_unexpectedly()? {
-                exits.push(format!("{} exited by itself ({status}); its log ends:\n{}", process.name, process.log_tail()));
+                exits.push(format!("{} exited by itself ({status}); its log:\n{}", process.name, process.log_excerpt()));
             }
         }
         Ok(exits)
@@ -308,16 +368,28 @@ pub fn worker_binary(kind: StageKind) -> String {
 }
 
 /// PING over a raw socket: `+PONG` once Redis serves (it answers `-LOADING` while reading its AOF).
-fn redis_ping(port: u16) -> anyhow::Result<()> {
+/// The process id of the redis-server answering on `port` (`INFO server`), once it serves.
+fn redis_pid(port: u16) -> anyhow::Result<u32> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-    stream.write_all(b"PING\r\n")?;
-    let mut reply = [0u8; 64];
-    let n = stream.read(&mut reply)?;
-    if reply[..n].starts_with(b"+PONG") {
-        Ok(())
-    } else {
-        bail!("redis answered {:?}", String::from_utf8_lossy(&reply[..n]))
+    stream.write_all(b"INFO server\r\n")?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("redis closed the connection: {:?}", String::from_utf8_lossy(&reply));
+        }
+        reply.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        if text.starts_with('-') {
+            bail!("redis answered {text:?}");
+        }
+        if let Some(line) = text.split("\r\n").skip(1).find_map(|l| l.strip_prefix("process_id:")) {
+            if text.contains(&format!("process_id:{line}\r\n")) {
+                return line.parse().with_context(|| format!("redis INFO process_id {line:?}"));
+            }
+        }
     }
 }
 
@@ -339,3 +411,6 @@ impl StatusProbe {
         Ok(self.0.get().cluster_status(request).await?.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -128,9 +128,15 @@ impl Managed {
         self.kill()
     }
 
-    /// The last lines of its log, for error messages.
+    /// The last lines of its log.
     pub fn log_tail(&self) -> String {
         log_tail(&self.log, 2000)
+    }
+
+    /// Its log's head and tail, for error messages: a failing binary states the error first
+    /// (`Error: …`) and may follow it with a long backtrace when `RUST_BACKTRACE` is set.
+    pub fn log_excerpt(&self) -> String {
+        log_excerpt(&self.log, 2000)
     }
 }
 
@@ -151,6 +157,25 @@ pub fn log_tail(path: &Path, bytes: u64) -> String {
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    read().unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
+}
+
+/// The first and last `bytes` of a file (all of it when short), or why it cannot be read.
+pub fn log_excerpt(path: &Path, bytes: u64) -> String {
+    let read = || -> std::io::Result<String> {
+        let text = std::fs::read(path)?;
+        let len = text.len() as u64;
+        if len <= 2 * bytes {
+            return Ok(String::from_utf8_lossy(&text).into_owned());
+        }
+        let (head, tail) = (&text[..bytes as usize], &text[(len - bytes) as usize..]);
+        Ok(format!(
+            "{}\n[… {} bytes left out …]\n{}",
+            String::from_utf8_lossy(head),
+            len - 2 * bytes,
+            String::from_utf8_lossy(tail)
+        ))
     };
     read().unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
 }
@@ -186,5 +211,20 @@ mod tests {
         assert_eq!(status.code(), Some(3));
         let err = spawner.spawn("missing", Path::new("/nonexistent/bin"), &[], &log).err().unwrap();
         assert!(format!("{err:#}").contains("/nonexistent/bin"));
+    }
+
+    #[test]
+    fn the_excerpt_keeps_the_error_at_the_head_of_a_long_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("long.log");
+        let backtrace: String = (0..500).map(|i| format!("  {i}: some::frame\n")).collect();
+        std::fs::write(&log, format!("Error: --listen 127.0.0.1:1: cannot bind\n{backtrace}the end\n")).unwrap();
+        let excerpt = log_excerpt(&log, 200);
+        assert!(excerpt.starts_with("Error: --listen"), "{excerpt}");
+        assert!(excerpt.ends_with("the end\n") && excerpt.contains("bytes left out"), "{excerpt}");
+        assert!(excerpt.len() < 600);
+        std::fs::write(&log, "short\n").unwrap();
+        assert_eq!(log_excerpt(&log, 200), "short\n");
+        assert!(log_excerpt(&dir.path().join("none"), 200).contains("cannot read"));
     }
 }
