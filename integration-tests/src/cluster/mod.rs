@@ -177,16 +177,19 @@ impl LocalCluster {
                 }
                 bail!("redis-server exited ({status}) at startup; its log:\n{log}");
             }
-            // The pid tells our server from another one that holds the port.
+            // The pid tells our server from another one that holds the port; PING answers
+            // only once an AOF is loaded (INFO answers while loading).
             if let Ok(pid) = redis_pid(self.redis_port) {
-                if Some(pid) == redis.pid() {
+                if Some(pid) != redis.pid() {
+                    redis.kill()?;
+                    bail!(PortTaken { server: "redis-server", port: self.redis_port, detail: format!("redis-server pid {pid} (not ours) answers there") });
+                }
+                if redis_ping(self.redis_port).is_ok() {
                     break;
                 }
-                redis.kill()?;
-                bail!(PortTaken { server: "redis-server", port: self.redis_port, detail: format!("redis-server pid {pid} (not ours) answers there") });
             }
             if Instant::now() > deadline {
-                bail!("redis-server did not answer INFO within 10 s; its log:\n{}", redis.log_excerpt());
+                bail!("redis-server did not answer PING within 10 s; its log:\n{}", redis.log_excerpt());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -368,6 +371,19 @@ pub fn worker_binary(kind: StageKind) -> String {
 }
 
 /// PING over a raw socket: `+PONG` once Redis serves (it answers `-LOADING` while reading its AOF).
+fn redis_ping(port: u16) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.write_all(b"PING\r\n")?;
+    let mut reply = [0u8; 64];
+    let n = stream.read(&mut reply)?;
+    if reply[..n].starts_with(b"+PONG") {
+        Ok(())
+    } else {
+        bail!("redis answered {:?}", String::from_utf8_lossy(&reply[..n]))
+    }
+}
+
 /// The process id of the redis-server answering on `port` (`INFO server`), once it serves.
 fn redis_pid(port: u16) -> anyhow::Result<u32> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;

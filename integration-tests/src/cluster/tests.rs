@@ -79,3 +79,29 @@ async fn another_redis_on_the_port_is_never_taken_for_ours() {
     assert!(format!("{err}").contains(&format!("port {}", first.redis_port)), "{err}");
     first.shutdown().await.unwrap();
 }
+
+/// One inline Redis command on a fresh connection; the first reply read.
+fn redis_command(port: u16, command: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    stream.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+    let mut reply = [0u8; 256];
+    let n = stream.read(&mut reply).unwrap();
+    String::from_utf8_lossy(&reply[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn a_redis_restart_comes_back_on_its_port_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = bare_cluster(dir.path());
+    cluster.config.append_only = true;
+    cluster.first_start(Server::Redis).await.unwrap();
+    let (port, first_pid) = (cluster.redis_port, cluster.redis.as_ref().unwrap().pid());
+    assert_eq!(redis_command(port, "SET job:1 queued"), "+OK\r\n");
+    cluster.restart_redis(Duration::from_millis(50)).await.unwrap();
+    assert_eq!(cluster.redis_port, port, "a restart keeps the address");
+    assert_ne!(cluster.redis.as_ref().unwrap().pid(), first_pid);
+    assert_eq!(redis_command(port, "GET job:1"), "$6\r\nqueued\r\n", "the AOF kept the write");
+    assert!(cluster.unexpected_exits().unwrap().is_empty(), "the killed Redis was ours to kill");
+    cluster.shutdown().await.unwrap();
+}
