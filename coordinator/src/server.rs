@@ -10,7 +10,6 @@ use fmboost_proto::internal as ipb;
 use fmboost_proto::v1 as pb;
 use fmboost_proto::v1::pipeline_server::Pipeline;
 use futures::Stream;
-use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -96,7 +95,7 @@ impl PipelineService {
             0 => DEFAULT_CHUNK,
             n => n.min(MAX_CHUNK),
         };
-        let png = match self.read_blob(&record.png_blob).await? {
+        let png = match self.store.read_blob(&record.png_blob).await? {
             Some(ipb::blob_payload::Payload::Image(png)) => png,
             Some(_) => return Err(ApiError::Internal(anyhow::anyhow!("result blob {} is not an image", record.png_blob))),
             None => return Err(ApiError::ResultExpired(request.job_id)),
@@ -113,7 +112,7 @@ impl PipelineService {
             })
             .collect();
         if request.include_latent {
-            let tensor = match self.read_blob(&record.latent_blob).await? {
+            let tensor = match self.store.read_blob(&record.latent_blob).await? {
                 Some(ipb::blob_payload::Payload::Latent(tensor)) => {
                     WireTensor::from_proto(tensor).map_err(|e| ApiError::Internal(anyhow::anyhow!("final latent blob: {e}")))?
                 }
@@ -135,17 +134,6 @@ impl PipelineService {
             }
         }
         Ok(chunks)
-    }
-
-    async fn read_blob(&self, key: &str) -> Result<Option<ipb::blob_payload::Payload>, ApiError> {
-        if key.is_empty() {
-            return Ok(None);
-        }
-        let mut conn = self.store.conn.clone();
-        let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-        let Some(bytes) = bytes else { return Ok(None) };
-        let payload = ipb::BlobPayload::decode(bytes.as_slice()).map_err(|e| ApiError::Internal(anyhow::anyhow!("blob {key}: {e}")))?;
-        Ok(payload.payload)
     }
 }
 

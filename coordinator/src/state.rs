@@ -141,7 +141,7 @@ impl StateMachine {
                     return Ok(());
                 };
                 let next = record.spec.next_stage(at);
-                if self.store.advance(&record, at, next, &done.output_blob, now).await? == Transition::Stale {
+                if self.store.advance(&record, at, next, &done.output_blob, done.output_bytes, now).await? == Transition::Stale {
                     return Ok(());
                 }
                 self.metrics.queue_wait_seconds.with_label_values(&stage_label).observe(done.queue_wait_ms as f64 / 1000.0);

@@ -3,8 +3,8 @@
 //!
 //! Record `{ns}:job:{id}` (hash): `spec` (admitted `JobSpec`, protobuf), `state`, `stage`,
 //! `hop` (where it is queued or running), `task_stream`/`task_entry` (its queued task),
-//! `input_blob` (the current stage's input), `png_blob`/`latent_blob` (results), `error`,
-//! `created_ms`, `updated_ms`. Terminal records expire after `--result-ttl-ms`.
+//! `input_blob` (the current stage's input), `png_blob`/`latent_blob` (results), `png_bytes`
+//! (the PNG's length), `error`, `created_ms`, `updated_ms`. Terminal records expire after `--result-ttl-ms`.
 
 use std::sync::LazyLock;
 
@@ -48,14 +48,15 @@ static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 -- KEYS: job, next queue, active
--- ARGV: stage, hop, now, next task, next stage, next hop, output blob, job_id, result_ttl
+-- ARGV: stage, hop, now, next task, next stage, next hop, output blob, job_id, result_ttl,
+--       output bytes (the PNG's length when completing)
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return 'stale' end
 if redis.call('HGET', KEYS[1], 'stage') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'hop') ~= ARGV[2] then return 'stale' end
 if ARGV[4] == '' then
   local latent = redis.call('HGET', KEYS[1], 'input_blob')
-  redis.call('HSET', KEYS[1], 'state', 'completed', 'png_blob', ARGV[7], 'latent_blob', latent,
-    'task_stream', '', 'task_entry', '', 'updated_ms', ARGV[3])
+  redis.call('HSET', KEYS[1], 'state', 'completed', 'png_blob', ARGV[7], 'png_bytes', ARGV[10],
+    'latent_blob', latent, 'task_stream', '', 'task_entry', '', 'updated_ms', ARGV[3])
   redis.call('ZREM', KEYS[3], ARGV[8])
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
   redis.call('PEXPIRE', ARGV[7], ARGV[9])
@@ -177,6 +178,8 @@ pub struct JobRecord {
     pub task_stream: String,
     pub task_entry: String,
     pub png_blob: String,
+    /// The PNG's length (None in records completed by a coordinator older than the field).
+    pub png_bytes: Option<u64>,
     pub latent_blob: String,
     pub error: String,
     pub created_ms: u64,
@@ -214,6 +217,18 @@ pub struct NewJob<'a> {
 }
 
 impl JobStore {
+    /// A result or stage blob's payload; None when the key is empty or expired.
+    pub async fn read_blob(&self, key: &str) -> Result<Option<ipb::blob_payload::Payload>, ApiError> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let mut conn = self.conn.clone();
+        let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+        let Some(bytes) = bytes else { return Ok(None) };
+        let payload = ipb::BlobPayload::decode(bytes.as_slice()).map_err(|e| ApiError::Internal(anyhow::anyhow!("blob {key}: {e}")))?;
+        Ok(payload.payload)
+    }
+
     /// Writes the record and queues the first task, atomically, unless the queue is full or
     /// the idempotency key is known.
     pub async fn submit(&self, job: NewJob<'_>, now: u64) -> Result<Submitted, ApiError> {
@@ -277,8 +292,17 @@ impl JobStore {
         Ok(transition(&outcome))
     }
 
-    /// Queues `next` with `output_blob` as its input, or completes the job when `next` is None.
-    pub async fn advance(&self, record: &JobRecord, from: StageRef, next: Option<StageRef>, output_blob: &str, now: u64) -> Result<Transition, ApiError> {
+    /// Queues `next` with `output_blob` as its input, or completes the job when `next` is None
+    /// (`output_bytes`, the PNG's length, is then kept in the record).
+    pub async fn advance(
+        &self,
+        record: &JobRecord,
+        from: StageRef,
+        next: Option<StageRef>,
+        output_blob: &str,
+        output_bytes: u64,
+        now: u64,
+    ) -> Result<Transition, ApiError> {
         let (queue, task, next_at) = match next {
             Some(next) => (
                 self.keys.queue(next.kind, record.spec.priority),
@@ -301,6 +325,7 @@ impl JobStore {
             .arg(output_blob)
             .arg(&record.job_id)
             .arg(self.result_ttl_ms)
+            .arg(output_bytes)
             .invoke_async(&mut conn)
             .await?;
         Ok(transition(&outcome))
@@ -374,6 +399,7 @@ fn parse_record(job_id: &str, fields: &std::collections::HashMap<String, Vec<u8>
         task_stream: text("task_stream"),
         task_entry: text("task_entry"),
         png_blob: text("png_blob"),
+        png_bytes: fields.get("png_bytes").map(|_| number("png_bytes")).transpose()?,
         latent_blob: text("latent_blob"),
         error: text("error"),
         created_ms: number("created_ms")?,

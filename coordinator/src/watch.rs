@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fmboost_core::now_unix_ms;
-use fmboost_proto::v1 as pb;
+use fmboost_proto::{internal as ipb, v1 as pb};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc};
@@ -108,8 +108,14 @@ async fn snapshot(store: &JobStore, record: &JobRecord) -> Result<pb::job_event:
         JobState::Queued => Event::Queued(pb::Queued { at: Some(record.at.to_proto()), position: queue_position(store, record).await? }),
         JobState::Running => Event::StageStarted(pb::StageStarted { at: Some(record.at.to_proto()), worker: String::new(), attempt: 0 }),
         JobState::Completed => {
-            let mut conn = store.conn.clone();
-            let png_bytes: u64 = redis::cmd("STRLEN").arg(&record.png_blob).query_async(&mut conn).await?;
+            let png_bytes = match record.png_bytes {
+                Some(bytes) => bytes,
+                // A record from an older coordinator: measure the PNG inside the result blob.
+                None => match store.read_blob(&record.png_blob).await? {
+                    Some(ipb::blob_payload::Payload::Image(png)) => png.len() as u64,
+                    _ => 0,
+                },
+            };
             Event::Completed(pb::Completed { png_bytes })
         }
         JobState::Failed => Event::Failed(pb::Failed { reason: record.error.clone() }),

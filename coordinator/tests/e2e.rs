@@ -87,7 +87,18 @@ async fn watch_reports_queue_stages_steps_and_completion() {
     assert!(matches!(&events[0].event, Some(Event::Queued(q)) if q.position == 0), "{events:?}");
     assert_eq!(finished, 3, "diffusion, one cfm hop and the decoder finish: {events:?}");
     assert!(steps.contains(&(pb::Stage::Diffusion as i32, 5, 5)) && steps.contains(&(pb::Stage::Cfm as i32, 3, 3)), "{steps:?}");
-    assert!(matches!(terminal(&events), Event::Completed(c) if c.png_bytes > 0));
+    let Event::Completed(completed) = terminal(&events) else { panic!("not completed: {events:?}") };
+    let (png, _) = result(&cluster, &mut client, &job_id, false).await;
+    assert_eq!(completed.png_bytes, png.len() as u64, "Completed counts the PNG's bytes");
+    // A Watch after the end answers with a snapshot of the record: the same count.
+    let again = watch_to_end(&cluster, &mut client, &job_id).await;
+    assert!(matches!(terminal(&again), Event::Completed(c) if c.png_bytes == png.len() as u64), "{again:?}");
+    // A record completed by an older coordinator has no count: measured from the blob.
+    let mut redis = cluster.redis().await;
+    let removed: u32 = redis::cmd("HDEL").arg(format!("{}:job:{job_id}", cluster.namespace)).arg("png_bytes").query_async(&mut redis).await.unwrap();
+    assert_eq!(removed, 1, "the record kept the count");
+    let old = watch_to_end(&cluster, &mut client, &job_id).await;
+    assert!(matches!(terminal(&old), Event::Completed(c) if c.png_bytes == png.len() as u64), "{old:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
