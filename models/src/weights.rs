@@ -1,4 +1,5 @@
-//! Loading weights as users have them: safetensors files (with `.fp16` variants), JSON configs,
+//! Loading weights as users have them: safetensors files (with variants such as `.fp16`, sharded
+//! or not), PyTorch `.bin` zip pickles, JSON configs,
 //! and a checked `VarBuilder` that collects every missing key and wrong shape of a model into one
 //! error instead of stopping at the first.
 
@@ -40,12 +41,170 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, LoadErro
         .map_err(|e| LoadError::Safetensors { path: path.into(), message: e.to_string() })
 }
 
-/// The first of `<stem>.safetensors`, `<stem>.fp16.safetensors` that exists in `dir`.
-pub fn find_weights_file(dir: &Path, stem: &str) -> Option<PathBuf> {
-    [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")]
-        .into_iter()
-        .map(|name| dir.join(name))
-        .find(|p| p.is_file())
+/// How a diffusers component folder names its weights: `<safetensors>[.<variant>].safetensors`
+/// (or sharded: `<safetensors>.safetensors.index[.<variant>].json`), and PyTorch's
+/// `<pickle>[.<variant>].bin`. The UNet and VAE use one stem for both; transformers' text
+/// encoder uses `model` and `pytorch_model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightNames {
+    pub safetensors: &'static str,
+    pub pickle: &'static str,
+}
+
+impl WeightNames {
+    pub const DIFFUSERS: WeightNames = WeightNames { safetensors: "diffusion_pytorch_model", pickle: "diffusion_pytorch_model" };
+    pub const TRANSFORMERS: WeightNames = WeightNames { safetensors: "model", pickle: "pytorch_model" };
+
+    /// The file names for `variant`: one safetensors file, a sharded one's index, the PyTorch
+    /// pickle (diffusers reads the same three; a folder holds one of them).
+    pub fn candidates(&self, variant: Option<&str>) -> [String; 3] {
+        let v = variant.map(|v| format!(".{v}")).unwrap_or_default();
+        [
+            format!("{}{v}.safetensors", self.safetensors),
+            format!("{}.safetensors.index{v}.json", self.safetensors),
+            format!("{}{v}.bin", self.pickle),
+        ]
+    }
+}
+
+/// The weights file of component folder `dir`, chosen as diffusers chooses it: the exact
+/// `variant` asked for (none: the plain names), never another one. The error says what is
+/// missing and, when the folder holds another variant, which setting would load it.
+pub fn find_weights(dir: &Path, names: WeightNames, variant: Option<&str>) -> Result<PathBuf, String> {
+    let wanted = names.candidates(variant);
+    if let Some(path) = wanted.iter().map(|name| dir.join(name)).find(|p| p.is_file()) {
+        return Ok(path);
+    }
+    let folder = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
+    let mut message = format!("{folder}/{} (or {})", wanted[0], wanted[2]);
+    if let Some(variant) = variant {
+        message.push_str(&format!(" for variant \"{variant}\""));
+    }
+    let others = other_variants(dir, names, variant);
+    if !others.is_empty() {
+        let settings: Vec<String> = others
+            .iter()
+            .map(|(file, v)| match v {
+                Some(v) => format!("{file} (set variant = \"{v}\")"),
+                None => format!("{file} (remove `variant`)"),
+            })
+            .collect();
+        message.push_str(&format!("; the folder has {}", settings.join(", ")));
+    }
+    Err(message)
+}
+
+/// Whether component folder `dir` holds weights of `variant`.
+pub fn has_variant(dir: &Path, names: WeightNames, variant: &str) -> bool {
+    names.candidates(Some(variant)).iter().any(|name| dir.join(name).is_file())
+}
+
+/// Weight files in `dir` of a variant other than `variant` (`None`: no variant).
+fn other_variants(dir: &Path, names: WeightNames, variant: Option<&str>) -> Vec<(String, Option<String>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut found: Vec<(String, Option<String>)> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|file| {
+            let of = |stem: &str, ext: &str| -> Option<Option<String>> {
+                let middle = file.strip_prefix(stem)?.strip_suffix(ext)?;
+                if middle.is_empty() {
+                    Some(None)
+                } else {
+                    middle.strip_prefix('.').filter(|v| !v.is_empty() && !v.contains('.')).map(|v| Some(v.to_string()))
+                }
+            };
+            let v = of(names.safetensors, ".safetensors").or_else(|| of(names.pickle, ".bin"))?;
+            (v.as_deref() != variant).then_some((file, v))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Reads a weights file by its kind: safetensors, a sharded safetensors index
+/// (`*.safetensors.index*.json`, every shard it names), or a PyTorch `.bin` zip pickle (read by
+/// candle's unpickler, which only rebuilds tensors and never runs code from the file).
+pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if name.ends_with(".safetensors") {
+        read_safetensors(path)
+    } else if name.contains(".safetensors.index") && name.ends_with(".json") {
+        read_sharded_safetensors(path)
+    } else if name.ends_with(".bin") {
+        read_pytorch_pickle(path)
+    } else {
+        Err(LoadError::Config { path: path.into(), message: "unknown weights format: expected .safetensors, .safetensors.index.json or a PyTorch .bin".into() })
+    }
+}
+
+/// Every shard a `*.safetensors.index.json` names (its `weight_map`), each key from the shard
+/// the index says.
+pub fn read_sharded_safetensors(index: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let map: Index = read_json(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards: Vec<&String> = map.weight_map.values().collect();
+    shards.sort();
+    shards.dedup();
+    let mut tensors = HashMap::new();
+    for shard in shards {
+        let shard_path = dir.join(shard);
+        for (key, tensor) in read_safetensors(&shard_path)? {
+            if map.weight_map.get(&key) == Some(shard) {
+                tensors.insert(key, tensor);
+            }
+        }
+    }
+    let missing: Vec<&String> = map.weight_map.keys().filter(|k| !tensors.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        return Err(LoadError::Config {
+            path: index.into(),
+            message: format!("{} key(s) not in the shard the index names, e.g. `{}`", missing.len(), missing[0]),
+        });
+    }
+    Ok(tensors)
+}
+
+/// A PyTorch zip pickle (`torch.save` since 1.6) as a tensor map, without executing anything
+/// from the file. The legacy (pre-zip) format is refused with the command that converts it.
+pub fn read_pytorch_pickle(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut magic));
+    match read {
+        Err(source) => return Err(LoadError::Io { path: path.into(), source }),
+        Ok(n) if n < 4 || &magic != b"PK\x03\x04" => {
+            return Err(LoadError::Config {
+                path: path.into(),
+                message: format!("not a zip-format PyTorch file (saved by torch < 1.6, or not PyTorch at all); convert it to safetensors: {}", convert_hint(path)),
+            });
+        }
+        Ok(_) => {}
+    }
+    let tensors = candle_core::pickle::read_all(path).map_err(|e| LoadError::Config {
+        path: path.into(),
+        message: format!("cannot read this PyTorch pickle ({e}); convert it to safetensors: {}", convert_hint(path)),
+    })?;
+    Ok(tensors.into_iter().collect())
+}
+
+/// The one-line conversion from a PyTorch file to the safetensors file diffusers would read
+/// (`pytorch_model.bin` → `model.safetensors`, `x.bin` → `x.safetensors`).
+pub fn convert_hint(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = name.strip_suffix(".bin").unwrap_or(&name);
+    let stem = match stem.strip_prefix("pytorch_model") {
+        Some(rest) => format!("model{rest}"),
+        None => stem.to_string(),
+    };
+    let out = path.with_file_name(format!("{stem}.safetensors"));
+    format!(
+        "python -c \"import torch, safetensors.torch as st; sd = torch.load('{}', map_location='cpu', weights_only=True); st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{}')\"",
+        path.display(),
+        out.display()
+    )
 }
 
 /// Tensors with `prefix` stripped from their keys (and those without it dropped).

@@ -178,7 +178,12 @@ fn fp16_variant_loads() {
         .collect();
     std::fs::remove_file(&path).unwrap();
     candle_core::safetensors::save(&half, dir.path().join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
-    let latents = load(dir.path()).unwrap().generate(&["w1"], &[3], &settings(SchedulerKind::Ddim), &mut progress::ignore).unwrap();
+    // As diffusers: the variant must be asked for, and then applies where it exists (the text
+    // encoder here has plain files only).
+    let err = load(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("set variant = \"fp16\""), "{err}");
+    let options = LoadOptions { variant: Some("fp16".into()), ..Default::default() };
+    let latents = StableDiffusion::load(dir.path(), &options).unwrap().generate(&["w1"], &[3], &settings(SchedulerKind::Ddim), &mut progress::ignore).unwrap();
     let rel = max_diff(&latents, &f32_latents) / f32_latents.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(rel < 2e-2, "fp16 weights (run in f32) drift {rel}");
 }

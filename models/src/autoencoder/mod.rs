@@ -187,22 +187,28 @@ impl Autoencoder {
     }
 
     /// Loads a diffusers `vae/` directory: `config.json` and `diffusion_pytorch_model.safetensors`
-    /// (or its `.fp16.safetensors` variant).
+    /// (or a sharded or `.bin` copy; no variant).
     pub fn load_diffusers_dir(dir: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
+        Self::load_diffusers_variant(dir, None, dtype, device)
+    }
+
+    /// [`Self::load_diffusers_dir`] reading weights `variant` (`fp16` →
+    /// `diffusion_pytorch_model.fp16.safetensors`), exactly that one as diffusers does.
+    pub fn load_diffusers_variant(dir: &Path, variant: Option<&str>, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
         let config_path = dir.join("config.json");
-        let weights_path = weights::find_weights_file(dir, "diffusion_pytorch_model");
+        let weights_path = weights::find_weights(dir, weights::WeightNames::DIFFUSERS, variant);
         let mut missing = Vec::new();
         if !config_path.is_file() {
             missing.push("config.json".to_string());
         }
-        if weights_path.is_none() {
-            missing.push("diffusion_pytorch_model.safetensors (or .fp16.safetensors)".to_string());
+        if let Err(what) = &weights_path {
+            missing.push(what.clone());
         }
-        let Some(weights_path) = weights_path.filter(|_| missing.is_empty()) else {
+        let Some(weights_path) = weights_path.ok().filter(|_| missing.is_empty()) else {
             return Err(LoadError::MissingFiles { dir: dir.into(), files: missing });
         };
         let config: AutoencoderConfig = weights::read_json(&config_path)?;
-        let tensors = weights::read_safetensors(&weights_path)?;
+        let tensors = weights::read_weights(&weights_path)?;
         Self::from_diffusers_tensors(&config, &tensors, &weights_path.display().to_string(), dtype, device)
     }
 

@@ -1,7 +1,8 @@
 //! SD 1.5 text-to-latent: CLIP tokenizer and text encoder, the UNet (candle-transformers'),
 //! classifier-free guidance with a negative prompt, and the DDIM / Euler ancestral / LCM
-//! schedulers. Weights come from a diffusers-format directory on disk, optionally with LoRA
-//! files (LCM-LoRA, for instance) fused into the UNet at load time.
+//! schedulers. Weights come from a diffusers-format directory on disk as the hub ships it (see
+//! docs/models/sd15.md), optionally with LoRA files (LCM-LoRA, for instance) fused into the
+//! UNet at load time.
 //!
 //! Prompts longer than the text encoder's context (77 tokens with start/end) are truncated
 //! with a warning, as diffusers does. Initial noise and scheduler noise are drawn per job from
@@ -10,6 +11,7 @@
 pub mod lora;
 pub mod scheduler;
 pub mod text;
+pub mod tokenizer;
 pub mod unet;
 
 use std::path::{Path, PathBuf};
@@ -24,7 +26,8 @@ use crate::rng::Stream;
 use crate::weights::{self, LoadError};
 
 pub use scheduler::{NoiseSource, ReplayNoise, Scheduler, SchedulerConfig, SchedulerKind, SeededNoise};
-pub use text::{ClipConfig, PromptTokenizer, TextEncoder, Tokens};
+pub use text::{ClipConfig, TextEncoder};
+pub use tokenizer::{PromptTokenizer, SpecialTokens, Tokens};
 pub use unet::UNetConfig;
 
 /// Settings of one text-to-latent run.
@@ -79,13 +82,18 @@ pub struct LoraSpec {
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
+    /// The run dtype; weights stored in another (fp16 files, say) are converted at load.
     pub dtype: DType,
     pub loras: Vec<LoraSpec>,
+    /// The weights variant to read (`fp16` → `*.fp16.safetensors`), as diffusers' `variant`: each
+    /// component folder that has files of it reads them, the others their plain files; an error
+    /// when none has it. Unset reads the plain files only.
+    pub variant: Option<String>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, loras: Vec::new() }
+        Self { device: Device::Cpu, dtype: DType::F32, loras: Vec::new(), variant: None }
     }
 }
 
@@ -102,26 +110,40 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Loads a diffusers-format directory: `unet/`, `text_encoder/` (config.json and
-    /// safetensors, `.fp16` variants accepted), `tokenizer/tokenizer.json`, `vae/config.json`
-    /// (for the latent size) and, when present, `scheduler/scheduler_config.json`.
+    /// Loads a diffusers-format directory: `unet/` and `text_encoder/` (config.json and weights:
+    /// safetensors, sharded safetensors or a PyTorch `.bin`; `options.variant` where the folder
+    /// has it, as diffusers), `tokenizer/` (`tokenizer.json`, or `vocab.json` + `merges.txt`),
+    /// `vae/config.json` (for the latent size) and, when present,
+    /// `scheduler/scheduler_config.json`. Every missing file is named in one error.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self, LoadError> {
         if !dir.is_dir() {
             return Err(LoadError::Io { path: dir.into(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory") });
         }
-        let unet_weights = weights::find_weights_file(&dir.join("unet"), "diffusion_pytorch_model");
-        let text_weights = weights::find_weights_file(&dir.join("text_encoder"), "model");
+        // As a diffusers pipeline: a variant applies to each component folder that has files of
+        // it (the others load their plain files), and at least one must.
+        let (unet_dir, text_dir) = (dir.join("unet"), dir.join("text_encoder"));
+        let (unet_names, text_names) = (weights::WeightNames::DIFFUSERS, weights::WeightNames::TRANSFORMERS);
+        let (unet_variant, text_variant) = match options.variant.as_deref() {
+            Some(v) if weights::has_variant(&unet_dir, unet_names, v) || weights::has_variant(&text_dir, text_names, v) => (
+                Some(v).filter(|v| weights::has_variant(&unet_dir, unet_names, v)),
+                Some(v).filter(|v| weights::has_variant(&text_dir, text_names, v)),
+            ),
+            variant => (variant, variant),
+        };
+        let unet_weights = weights::find_weights(&unet_dir, unet_names, unet_variant);
+        let text_weights = weights::find_weights(&text_dir, text_names, text_variant);
         let mut missing = Vec::new();
-        for file in ["unet/config.json", "text_encoder/config.json", "tokenizer/tokenizer.json", "vae/config.json"] {
+        for file in ["unet/config.json", "text_encoder/config.json", "vae/config.json"] {
             if !dir.join(file).is_file() {
                 missing.push(file.to_string());
             }
         }
-        if unet_weights.is_none() {
-            missing.push("unet/diffusion_pytorch_model.safetensors (or .fp16.safetensors)".into());
-        }
-        if text_weights.is_none() {
-            missing.push("text_encoder/model.safetensors (or .fp16.safetensors)".into());
+        let tokenizer_dir = dir.join("tokenizer");
+        missing.extend(tokenizer::missing_files(&tokenizer_dir, "tokenizer/"));
+        for found in [&unet_weights, &text_weights] {
+            if let Err(what) = found {
+                missing.push(what.clone());
+            }
         }
         if !missing.is_empty() {
             return Err(LoadError::MissingFiles { dir: dir.into(), files: missing });
@@ -133,13 +155,23 @@ impl StableDiffusion {
         let scheduler_config = if scheduler_path.is_file() { weights::read_json(&scheduler_path)? } else { SchedulerConfig::default() };
 
         let clip_config: ClipConfig = weights::read_json(&dir.join("text_encoder/config.json"))?;
-        let text_tensors = weights::read_safetensors(&text_weights)?;
+        let text_tensors = weights::read_weights(&text_weights)?;
         let text_encoder =
             TextEncoder::build(&clip_config, &text_tensors, &text_weights.display().to_string(), options.dtype, &options.device)?;
-        let tokenizer = PromptTokenizer::load(&dir.join("tokenizer/tokenizer.json"), text_encoder.context())?;
+        let tokenizer = PromptTokenizer::from_dir(&tokenizer_dir, Some(text_encoder.context()))?;
+        if tokenizer.vocab_size() > clip_config.vocab_size {
+            return Err(LoadError::Config {
+                path: tokenizer.source().to_string().into(),
+                message: format!(
+                    "{} token ids, more than the text encoder's vocab_size {} (text_encoder/config.json): tokenizer and encoder are from different models",
+                    tokenizer.vocab_size(),
+                    clip_config.vocab_size
+                ),
+            });
+        }
 
         let unet_config: UNetConfig = weights::read_json(&dir.join("unet/config.json"))?;
-        let mut unet_tensors = weights::read_safetensors(&unet_weights)?;
+        let mut unet_tensors = weights::read_weights(&unet_weights)?;
         for lora in &options.loras {
             let adapter = weights::read_safetensors(&lora.path)?;
             let prefix = crate::autoencoder::detect_prefix(&unet_tensors, "conv_in.weight");

@@ -1,20 +1,16 @@
-//! Prompts → CLIP token ids → the text encoder's last hidden state (SD 1.5 conditions the
-//! UNet on all 77 positions after the final layer norm).
+//! CLIP token ids → the text encoder's last hidden state (SD 1.5 conditions the UNet on all 77
+//! positions after the final layer norm). The ids come from [`super::tokenizer`].
 //!
-//! Over-long prompts are truncated to the encoder's context (77 tokens including the start and
-//! end tokens) with a warning naming the dropped text, as diffusers does.
+//! Weights load with transformers' names with or without the `text_model.` prefix (transformers
+//! 5 saves `CLIPTextModel` without it), or under any outer prefix such as a single-file
+//! checkpoint's `cond_stage_model.transformer.`.
 
 use std::collections::HashMap;
-use std::path::Path;
-
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
 use serde::Deserialize;
-use tokenizers::Tokenizer;
 
 use crate::weights::{self, LoadError};
-
-const END_OF_TEXT: &str = "<|endoftext|>";
 
 fn d_eps() -> f64 {
     1e-5
@@ -74,7 +70,9 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// Builds from `text_model.*` tensors (transformers' names), reporting all problems at once.
+    /// Builds from transformers' tensor names (`embeddings.…`, `encoder.…`, `final_layer_norm.…`)
+    /// under whatever prefix the file uses (`text_model.`, none, …), reporting all problems at
+    /// once.
     pub fn build(
         config: &ClipConfig,
         tensors: &HashMap<String, Tensor>,
@@ -83,10 +81,9 @@ impl TextEncoder {
         device: &Device,
     ) -> Result<Self, LoadError> {
         let candle_config = config.to_candle().map_err(|message| LoadError::Config { path: source_name.into(), message })?;
-        let prefix = crate::autoencoder::detect_prefix(tensors, "text_model.embeddings.token_embedding.weight");
+        let prefix = crate::autoencoder::detect_prefix(tensors, "embeddings.token_embedding.weight");
         let tensors = weights::strip_prefix(tensors, &prefix);
-        let model =
-            weights::build_checked(tensors, source_name, dtype, device, |vb| ClipTextTransformer::new(vb.pp("text_model"), &candle_config))?;
+        let model = weights::build_checked(tensors, source_name, dtype, device, |vb| ClipTextTransformer::new(vb, &candle_config))?;
         Ok(Self { model, context: config.max_position_embeddings })
     }
 
@@ -97,65 +94,5 @@ impl TextEncoder {
 
     pub fn context(&self) -> usize {
         self.context
-    }
-}
-
-/// A prompt as token ids, padded to the context length.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tokens {
-    pub ids: Vec<u32>,
-    /// Tokens dropped because the prompt was longer than the context (0 when it fit).
-    pub truncated: usize,
-}
-
-/// The CLIP tokenizer from a `tokenizer.json` (its post-processor adds the start/end tokens).
-pub struct PromptTokenizer {
-    tokenizer: Tokenizer,
-    end_id: u32,
-    pad_id: u32,
-    context: usize,
-}
-
-impl PromptTokenizer {
-    /// Pads with the tokenizer's own padding token if its file sets one, else `<|endoftext|>`
-    /// (SD 1.5's choice).
-    pub fn load(path: &Path, context: usize) -> Result<Self, LoadError> {
-        let tokenizer =
-            Tokenizer::from_file(path).map_err(|e| LoadError::Config { path: path.into(), message: format!("not a tokenizer.json: {e}") })?;
-        let end_id = tokenizer
-            .token_to_id(END_OF_TEXT)
-            .ok_or_else(|| LoadError::Config { path: path.into(), message: format!("no `{END_OF_TEXT}` token in the vocabulary") })?;
-        let pad_id = tokenizer.get_padding().map(|p| p.pad_id).unwrap_or(end_id);
-        Ok(Self { tokenizer, end_id, pad_id, context })
-    }
-
-    /// Tokenizes with start/end tokens, truncates to the context (keeping the end token) with a
-    /// warning, and pads.
-    pub fn tokenize(&self, prompt: &str) -> Result<Tokens, String> {
-        let encoding = self.tokenizer.encode(prompt, true).map_err(|e| format!("tokenizing prompt: {e}"))?;
-        let mut ids = encoding.get_ids().to_vec();
-        let mut truncated = 0;
-        if ids.len() > self.context {
-            truncated = ids.len() - self.context;
-            let dropped = self.tokenizer.decode(&ids[self.context - 1..ids.len() - 1], true).unwrap_or_default();
-            tracing::warn!(
-                dropped_tokens = truncated,
-                "prompt longer than {} tokens: truncated, dropping {dropped:?}",
-                self.context
-            );
-            ids.truncate(self.context - 1);
-            ids.push(self.end_id);
-        }
-        ids.resize(self.context, self.pad_id);
-        Ok(Tokens { ids, truncated })
-    }
-
-    /// (B, context) u32 ids for `prompts`.
-    pub fn batch(&self, prompts: &[&str], device: &Device) -> Result<Tensor, String> {
-        let mut flat = Vec::with_capacity(prompts.len() * self.context);
-        for p in prompts {
-            flat.extend(self.tokenize(p)?.ids);
-        }
-        Tensor::from_vec(flat, (prompts.len(), self.context), device).map_err(|e| e.to_string())
     }
 }

@@ -16,6 +16,13 @@ pub fn golden_dir() -> PathBuf {
     dir.canonicalize().unwrap_or_else(|e| panic!("golden directory {} is missing: {e}", dir.display()))
 }
 
+/// A model directory of `<golden>/../fixtures` (diffusers pipelines as users have them; see its
+/// README). Panics (never skips) if missing.
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = golden_dir().join("../fixtures").join(name);
+    dir.canonicalize().unwrap_or_else(|e| panic!("fixture {} is missing: {e}", dir.display()))
+}
+
 pub fn golden(name: &str) -> GoldenFile {
     let path = golden_dir().join(name);
     GoldenFile::load(&path).unwrap_or_else(|e| panic!("{e}"))
