@@ -12,10 +12,12 @@
 //! path = "stable-diffusion-v1-5"
 //! lora = "lcm-lora-sdv1-5/pytorch_lora_weights.safetensors"   # optional, fused at load
 //! lora_scale = 1.0
+//! variant = "fp16"             # optional: read `*.fp16.safetensors` (exactly that variant)
 //!
 //! [autoencoder]                # encode uploads, decode the last latent
 //! kind = "diffusers"           # a diffusers `vae/` directory; or "ldm": one LDM-layout file
 //! path = "stable-diffusion-v1-5/vae"
+//! variant = "fp16"             # optional, as in [base]
 //! tile = 64                    # tiled decoding (latent pixels)
 //! overlap = 16
 //! auto_tile_above = 96
@@ -59,6 +61,9 @@ pub enum BaseSpec {
         lora: Option<PathBuf>,
         #[serde(default = "one")]
         lora_scale: f64,
+        /// The weights variant (`fp16` → `*.fp16.safetensors`), as diffusers' `variant`.
+        #[serde(default)]
+        variant: Option<String>,
     },
     /// An unconditional flow-matching latent generator.
     Flow { path: PathBuf, config: PathBuf, latent_size: [usize; 2] },
@@ -74,6 +79,9 @@ fn one() -> f64 {
 pub struct AutoencoderSpec {
     pub kind: AutoencoderKind,
     pub path: PathBuf,
+    /// The weights variant of a diffusers `vae/` (`fp16` → `*.fp16.safetensors`).
+    #[serde(default)]
+    pub variant: Option<String>,
     #[serde(default)]
     pub tile: Option<usize>,
     #[serde(default)]
@@ -131,6 +139,23 @@ impl ProfileSpec {
             toml::from_str(text).map_err(|e| ProfileError::Invalid { path: origin.into(), message: e.to_string() })?;
         if spec.name.trim().is_empty() {
             return Err(ProfileError::Invalid { path: origin.into(), message: "`name` must not be empty".into() });
+        }
+        let base_variant = match &spec.base {
+            BaseSpec::StableDiffusion { variant, .. } => variant.as_deref(),
+            _ => None,
+        };
+        for (table, variant) in [("base", base_variant), ("autoencoder", spec.autoencoder.variant.as_deref())] {
+            if let Some(v) = variant {
+                if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    return Err(ProfileError::Invalid {
+                        path: origin.into(),
+                        message: format!("[{table}] variant {v:?}: expected a name such as \"fp16\" (letters, digits, `_`, `-`)"),
+                    });
+                }
+            }
+        }
+        if spec.autoencoder.variant.is_some() && spec.autoencoder.kind != AutoencoderKind::Diffusers {
+            return Err(ProfileError::Invalid { path: origin.into(), message: "[autoencoder] variant applies to kind = \"diffusers\" only".into() });
         }
         Ok(spec)
     }
@@ -198,7 +223,8 @@ config = "hop1.json"
         let spec = ProfileSpec::read(&file).unwrap();
         assert_eq!(spec.name, "sd15");
         match &spec.base {
-            BaseSpec::StableDiffusion { path, lora, lora_scale } => {
+            BaseSpec::StableDiffusion { path, lora, lora_scale, variant } => {
+                assert_eq!(variant, &None);
                 assert_eq!(path, &dir.path().join("sd"));
                 assert_eq!(lora.as_deref(), Some(dir.path().join("lcm.safetensors").as_path()));
                 assert_eq!(*lora_scale, 1.0);
@@ -212,11 +238,24 @@ config = "hop1.json"
     }
 
     #[test]
+    fn reads_the_weights_variant_of_base_and_autoencoder() {
+        let text = SD15.replace("lora = ", "variant = \"fp16\"\nlora = ").replace("tile = 64", "variant = \"fp16\"\ntile = 64");
+        let spec = ProfileSpec::parse(&text, Path::new("x.toml")).unwrap();
+        assert!(matches!(&spec.base, BaseSpec::StableDiffusion { variant: Some(v), .. } if v == "fp16"), "{:?}", spec.base);
+        assert_eq!(spec.autoencoder.variant.as_deref(), Some("fp16"));
+        let ldm = text.replace("kind = \"diffusers\"", "kind = \"ldm\"");
+        let err = ProfileSpec::parse(&ldm, Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("[autoencoder] variant applies to kind = \"diffusers\" only"), "{err}");
+    }
+
+    #[test]
     fn unknown_fields_and_kinds_are_errors_naming_them() {
         let err = ProfileSpec::parse(&SD15.replace("tile = 64", "tyle = 64"), Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("tyle"), "{err}");
         let err = ProfileSpec::parse(&SD15.replace("stable-diffusion", "dall-e"), Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("dall-e"), "{err}");
+        let err = ProfileSpec::parse(&SD15.replace("lora = ", "variant = \"../fp16\"\nlora = "), Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("[base] variant \"../fp16\""), "{err}");
         let err = ProfileSpec::read(Path::new("/nonexistent/profile.toml")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/profile.toml"), "{err}");
     }

@@ -283,7 +283,7 @@ fn load_unet(files: Files, path: &Path, config: &UNetConfig, device: &Device, dt
 
 fn load_base(spec: &BaseSpec, files: Files, device: &Device, dtype: DType) -> Result<BaseModel, String> {
     match spec {
-        BaseSpec::StableDiffusion { path, lora, lora_scale } => {
+        BaseSpec::StableDiffusion { path, lora, lora_scale, variant } => {
             if matches!(files, Files::Embedded(_)) {
                 return Err("a Stable Diffusion base must be a directory on disk".into());
             }
@@ -291,6 +291,7 @@ fn load_base(spec: &BaseSpec, files: Files, device: &Device, dtype: DType) -> Re
                 device: device.clone(),
                 dtype,
                 loras: lora.iter().map(|path| LoraSpec { path: path.clone(), scale: *lora_scale }).collect(),
+                variant: variant.clone(),
             };
             let sd = StableDiffusion::load(path, &options).map_err(|e| e.to_string())?;
             Ok(BaseModel::StableDiffusion(Box::new(sd)))
@@ -312,7 +313,9 @@ fn load_base(spec: &BaseSpec, files: Files, device: &Device, dtype: DType) -> Re
 fn load_autoencoder(spec: &ProfileSpec, files: Files, device: &Device) -> Result<Autoencoder, String> {
     let ae = &spec.autoencoder;
     let mut autoencoder = match (ae.kind, files) {
-        (AutoencoderKind::Diffusers, Files::Disk) => Autoencoder::load_diffusers_dir(&ae.path, DType::F32, device).map_err(|e| e.to_string())?,
+        (AutoencoderKind::Diffusers, Files::Disk) => {
+            Autoencoder::load_diffusers_variant(&ae.path, ae.variant.as_deref(), DType::F32, device).map_err(|e| e.to_string())?
+        }
         (AutoencoderKind::Ldm, Files::Disk) => Autoencoder::load_ldm_file(&ae.path, DType::F32, device).map_err(|e| e.to_string())?,
         (AutoencoderKind::Diffusers, Files::Embedded(_)) => {
             let config_path = ae.path.join("config.json");
