@@ -8,6 +8,7 @@ mod eval;
 mod golden;
 mod job_args;
 mod local;
+mod tokenize;
 mod train;
 
 use std::process::ExitCode;
@@ -43,6 +44,8 @@ enum Command {
     Eval(eval::Args),
     /// Train the autoencoder, a CFM hop or the base generator on a folder of photos.
     Train(train::Args),
+    /// The token ids an SD directory's text encoder sees for each prompt (compare with transformers).
+    Tokenize(tokenize::Args),
     /// Micro-benchmarks; each prints one JSON line.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Result(args) => client::result(args),
         Command::Cancel(args) => client::cancel(args),
         Command::Status(args) => client::status(args),
+        Command::Tokenize(args) => tokenize::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Eval(args) => eval::run(args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),

@@ -105,6 +105,9 @@ pub struct Options {
     pub step_ms: u64,
     /// Serve the embedded `tiny` models instead of the `sleep` stand-in.
     pub tiny: bool,
+    /// Serve this profile file instead (workers `--profile FILE`; the coordinator admits it
+    /// beside `sleep` and `tiny`).
+    pub profile: Option<PathBuf>,
     pub max_queued: u64,
     pub token: Option<String>,
     pub max_upload_bytes: usize,
@@ -121,6 +124,7 @@ impl Default for Options {
         Options {
             step_ms: 5,
             tiny: false,
+            profile: None,
             max_queued: 100,
             token: None,
             max_upload_bytes: 1 << 20,
@@ -198,7 +202,10 @@ impl Cluster {
             "--namespace".into(),
             self.namespace.clone(),
             "--profiles".into(),
-            "sleep,tiny".into(),
+            match &self.options.profile {
+                Some(file) => format!("sleep,tiny,{}", file.display()),
+                None => "sleep,tiny".into(),
+            },
             "--max-queued".into(),
             self.options.max_queued.to_string(),
             "--max-upload-bytes".into(),
@@ -234,7 +241,11 @@ impl Cluster {
             "--namespace".into(),
             self.namespace.clone(),
             "--profile".into(),
-            if o.tiny { "tiny".into() } else { format!("sleep:{}", o.step_ms) },
+            match &o.profile {
+                Some(file) => file.display().to_string(),
+                None if o.tiny => "tiny".into(),
+                None => format!("sleep:{}", o.step_ms),
+            },
             "--idle-timeout-ms".into(),
             o.idle_timeout_ms.to_string(),
             "--heartbeat-ms".into(),
