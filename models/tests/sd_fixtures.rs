@@ -231,3 +231,35 @@ fn broken_copies_name_the_file_and_the_key() {
     let e = load_err(dir.path(), &options(None, DType::F32));
     assert!(e.contains("unet/config.json"), "{e}");
 }
+
+/// A sharded text encoder (`model.safetensors.index.json` + shards, as transformers saves
+/// large models) loads the same tensors as the single file.
+#[test]
+fn sharded_safetensors_load_like_the_single_file() {
+    let dir = copy_of(&f32_dir());
+    let text = dir.path().join("text_encoder");
+    let single = text_tensors(&f32_dir(), "model.safetensors");
+    std::fs::remove_file(text.join("model.safetensors")).unwrap();
+    let mut keys: Vec<&String> = single.keys().collect();
+    keys.sort();
+    let (first, second) = keys.split_at(keys.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let tensors: HashMap<String, Tensor> = part.iter().map(|k| ((*k).clone(), single[*k].clone())).collect();
+        candle_core::safetensors::save(&tensors, text.join(shard)).unwrap();
+        for k in part {
+            weight_map.insert((*k).clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(text.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let path = find_weights(&text, WeightNames::TRANSFORMERS, None).unwrap();
+    assert!(path.ends_with("model.safetensors.index.json"), "{}", path.display());
+    let sharded = weights::read_weights(&path).unwrap();
+    assert_eq!(rel_diff(&encode(&sharded, DType::F32), &encode(&single, DType::F32)), 0.0);
+    StableDiffusion::load(dir.path(), &options(None, DType::F32)).unwrap();
+    // A shard the index names but the folder lacks: named.
+    std::fs::remove_file(text.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_err(dir.path(), &options(None, DType::F32));
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+}
