@@ -2,7 +2,7 @@
 //! and a checked `VarBuilder` that collects every missing key and wrong shape of a model into one
 //! error instead of stopping at the first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -99,6 +99,35 @@ impl SimpleBackend for CheckedBackend {
     }
 }
 
+/// Records what a model asks for and hands back zero-stride views, so building it costs no
+/// memory whatever its size.
+struct ShapeRecorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().expect("shape list lock").insert(name.to_string(), shape.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape recorder: `{name}` requested without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Every tensor `build` asks for, with its shape, without loading or allocating weights: what
+/// a file must hold for the model, to compare with what it does hold before reading it.
+pub fn expected_shapes<T>(build: impl FnOnce(VarBuilder) -> candle_core::Result<T>) -> candle_core::Result<BTreeMap<String, Vec<usize>>> {
+    let shapes = Arc::new(Mutex::new(BTreeMap::new()));
+    let vb = VarBuilder::from_backend(Box::new(ShapeRecorder(shapes.clone())), DType::F32, Device::Cpu);
+    build(vb)?;
+    let shapes = std::mem::take(&mut *shapes.lock().expect("shape list lock"));
+    Ok(shapes)
+}
+
 /// Builds a model from `tensors` with `build`, reporting all missing keys and wrong shapes
 /// together as one [`LoadError::Weights`] naming `source_name` (a file or directory).
 pub fn build_checked<T>(
@@ -138,6 +167,16 @@ mod tests {
         assert!(text.contains("`a.weight` has shape [2, 3], expected [3, 2]"), "{text}");
         assert!(text.contains("missing key `b.bias`"), "{text}");
         assert!(text.contains("missing key `c.bias`"), "{text}");
+    }
+
+    #[test]
+    fn expected_shapes_lists_every_request() {
+        let shapes = expected_shapes(|vb| {
+            vb.get((3, 2), "a.weight")?;
+            vb.pp("b").get(4, "bias")
+        })
+        .unwrap();
+        assert_eq!(shapes.into_iter().collect::<Vec<_>>(), vec![("a.weight".into(), vec![3, 2]), ("b.bias".into(), vec![4])]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! SD 1.5 text-to-latent: CLIP tokenizer and text encoder, the UNet (candle-transformers'),
 //! classifier-free guidance with a negative prompt, and the DDIM / Euler ancestral / LCM
-//! schedulers. Weights come from a diffusers-format directory on disk, optionally with LoRA
-//! files (LCM-LoRA, for instance) fused into the UNet at load time.
+//! schedulers. Weights come from a diffusers-format directory on disk or a single-file
+//! checkpoint ([`single_file`]), optionally with LoRA files (LCM-LoRA, for instance) fused
+//! into the UNet at load time.
 //!
 //! Prompts longer than the text encoder's context (77 tokens with start/end) are truncated
 //! with a warning, as diffusers does. Initial noise and scheduler noise are drawn per job from
@@ -9,9 +10,11 @@
 
 pub mod lora;
 pub mod scheduler;
+pub mod single_file;
 pub mod text;
 pub mod unet;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -139,15 +142,7 @@ impl StableDiffusion {
         let tokenizer = PromptTokenizer::load(&dir.join("tokenizer/tokenizer.json"), text_encoder.context())?;
 
         let unet_config: UNetConfig = weights::read_json(&dir.join("unet/config.json"))?;
-        let mut unet_tensors = weights::read_safetensors(&unet_weights)?;
-        for lora in &options.loras {
-            let adapter = weights::read_safetensors(&lora.path)?;
-            let prefix = crate::autoencoder::detect_prefix(&unet_tensors, "conv_in.weight");
-            let mut stripped = weights::strip_prefix(&unet_tensors, &prefix);
-            let fused = lora::fuse(&mut stripped, &adapter, lora.scale, &lora.path.display().to_string())?;
-            tracing::info!(path = %lora.path.display(), layers = fused, scale = lora.scale, "fused LoRA into the UNet");
-            unet_tensors = stripped;
-        }
+        let unet_tensors = fuse_loras(weights::read_safetensors(&unet_weights)?, &options.loras)?;
         let unet = unet::build_unet(&unet_config, &unet_tensors, &unet_weights.display().to_string(), options.dtype, &options.device)?;
         Ok(Self {
             tokenizer,
@@ -204,6 +199,20 @@ impl StableDiffusion {
         let latents = (noise.next(&shape, &self.device)?.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
         denoise(&self.unet, latents, &cond, uncond.as_ref(), settings.guidance, &scheduler, &mut noise, progress)
     }
+}
+
+/// Fuses each LoRA into diffusers-named UNet tensors (a leading prefix such as `unet.` is
+/// detected and stripped when there are LoRAs).
+fn fuse_loras(mut unet_tensors: HashMap<String, Tensor>, loras: &[LoraSpec]) -> Result<HashMap<String, Tensor>, LoadError> {
+    for lora in loras {
+        let adapter = weights::read_safetensors(&lora.path)?;
+        let prefix = crate::autoencoder::detect_prefix(&unet_tensors, "conv_in.weight");
+        let mut stripped = weights::strip_prefix(&unet_tensors, &prefix);
+        let fused = lora::fuse(&mut stripped, &adapter, lora.scale, &lora.path.display().to_string())?;
+        tracing::info!(path = %lora.path.display(), layers = fused, scale = lora.scale, "fused LoRA into the UNet");
+        unet_tensors = stripped;
+    }
+    Ok(unet_tensors)
 }
 
 /// The sampling loop: from `latents` (already × init noise sigma) through every scheduler step,
