@@ -1,6 +1,7 @@
-//! A profile pointed straight at the paper's Lightning `.ckpt` (no conversion step): its CFM
-//! hop and its first-stage autoencoder both load from the one file, and the hop computes what
-//! the same EMA weights give from safetensors.
+//! Profiles pointed at checkpoint files as users hold them. The paper's Lightning `.ckpt` (no
+//! conversion step): its CFM hop and its first-stage autoencoder both load from the one file,
+//! and the hop computes what the same EMA weights give from safetensors. The single-file SD
+//! forms refuse what cannot apply, naming it.
 
 use std::path::{Path, PathBuf};
 
@@ -51,4 +52,28 @@ fn hops_and_autoencoder_load_from_the_lightning_ckpt() {
     assert_eq!(run(&from_ckpt), run(&from_safetensors));
     let image = from_ckpt.decode(&z_lo, None, &mut progress::ignore).unwrap();
     assert_eq!(image.dims(), &[1, 3, 4, 4], "a one-level first stage decodes at the latent's size");
+}
+
+fn base_error(dir: &Path, base: &str) -> String {
+    let profile = dir.join("sd.toml");
+    std::fs::write(&profile, format!("name = \"sd\"\n[base]\nkind = \"stable-diffusion\"\n{base}\n[autoencoder]\nkind = \"ldm\"\npath = \"x\"\n")).unwrap();
+    let spec = ProfileSpec::read(&profile).unwrap();
+    let needs = Needs { base: true, autoencoder: false, hops: false };
+    match ProfileModels::load(spec, Files::Disk, needs, &Device::Cpu) {
+        Ok(_) => panic!("loaded {base}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn single_file_options_on_a_directory_and_missing_paths_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sd-dir")).unwrap();
+    let err = base_error(dir.path(), "path = \"sd-dir\"\ntokenizer = \"tok\"");
+    assert!(err.contains("`config` and `tokenizer` are for a single-file checkpoint") && err.contains("sd-dir"), "{err}");
+    let err = base_error(dir.path(), "path = \"v1-5-pruned-emaonly.safetensors\"");
+    assert!(err.contains("v1-5-pruned-emaonly.safetensors: no such file"), "{err}");
+    std::fs::write(dir.path().join("one.safetensors"), b"not weights").unwrap();
+    let err = base_error(dir.path(), "path = \"one.safetensors\"");
+    assert!(err.contains("no tokenizer") && err.contains("`tokenizer`"), "{err}");
 }
