@@ -8,16 +8,18 @@
 //! name = "sd15"
 //!
 //! [base]                       # text → low-resolution latent
-//! kind = "stable-diffusion"    # a diffusers SD 1.5 directory
-//! path = "stable-diffusion-v1-5"
+//! kind = "stable-diffusion"    # a diffusers SD 1.5 directory, or a single-file checkpoint:
+//! path = "stable-diffusion-v1-5"   # "v1-5-pruned-emaonly.safetensors" (or .ckpt), with
+//! # tokenizer = "clip-vit-large-patch14"  (a single file has none; or `config`'s tokenizer/)
+//! # config = "tiny-sd-dir"      (single file of non-SD-1.5 sizes: a diffusers dir for them)
 //! lora = "lcm-lora-sdv1-5/pytorch_lora_weights.safetensors"   # optional, fused at load
 //! lora_scale = 1.0
 //! variant = "fp16"             # optional: read `*.fp16.safetensors` (exactly that variant)
 //!
 //! [autoencoder]                # encode uploads, decode the last latent
 //! kind = "diffusers"           # a diffusers `vae/` directory; or "ldm": one LDM-layout file
-//! path = "stable-diffusion-v1-5/vae"
-//! variant = "fp16"             # optional, as in [base]
+//! path = "stable-diffusion-v1-5/vae"   # (ldm: the single file itself, vae-ft-mse, a .ckpt)
+//! variant = "fp16"             # optional, as in [base] (diffusers only)
 //! tile = 64                    # tiled decoding (latent pixels)
 //! overlap = 16
 //! auto_tile_above = 96
@@ -54,7 +56,8 @@ pub enum ProfileError {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum BaseSpec {
-    /// A diffusers-format SD 1.5 directory, optionally with a LoRA fused in.
+    /// SD 1.5: a diffusers-format directory, or a single-file checkpoint (CompVis / A1111
+    /// layout, `.safetensors` or `.ckpt`); optionally with a LoRA fused in.
     StableDiffusion {
         path: PathBuf,
         #[serde(default)]
@@ -64,6 +67,13 @@ pub enum BaseSpec {
         /// The weights variant (`fp16` → `*.fp16.safetensors`), as diffusers' `variant`.
         #[serde(default)]
         variant: Option<String>,
+        /// Single file only: a diffusers SD directory describing its architecture (SD 1.5's
+        /// built in otherwise).
+        #[serde(default)]
+        config: Option<PathBuf>,
+        /// Single file only: the tokenizer folder (default: `config`'s `tokenizer/`).
+        #[serde(default)]
+        tokenizer: Option<PathBuf>,
     },
     /// An unconditional flow-matching latent generator.
     Flow { path: PathBuf, config: PathBuf, latent_size: [usize; 2] },
@@ -95,7 +105,9 @@ pub struct AutoencoderSpec {
 pub enum AutoencoderKind {
     /// A diffusers `vae/` directory (`config.json` + `diffusion_pytorch_model.safetensors`).
     Diffusers,
-    /// One safetensors file in the paper's LDM layout with `ddconfig` metadata.
+    /// One file in the LDM layout, safetensors or `.ckpt`: a `vae-ft-mse` file, a single-file
+    /// SD checkpoint (its `first_stage_model.`), the paper's Lightning checkpoint (its
+    /// `first_stage.`); `ddconfig` from the metadata or the tensors' shapes.
     Ldm,
 }
 
@@ -176,10 +188,10 @@ impl ProfileSpec {
             }
         };
         match &mut self.base {
-            BaseSpec::StableDiffusion { path, lora, .. } => {
+            BaseSpec::StableDiffusion { path, lora, config, tokenizer, .. } => {
                 resolve(path);
-                if let Some(lora) = lora {
-                    resolve(lora);
+                for extra in [lora, config, tokenizer].into_iter().flatten() {
+                    resolve(extra);
                 }
             }
             BaseSpec::Flow { path, config, .. } => {
@@ -223,9 +235,10 @@ config = "hop1.json"
         let spec = ProfileSpec::read(&file).unwrap();
         assert_eq!(spec.name, "sd15");
         match &spec.base {
-            BaseSpec::StableDiffusion { path, lora, lora_scale, variant } => {
+            BaseSpec::StableDiffusion { path, lora, lora_scale, variant, config, tokenizer } => {
                 assert_eq!(variant, &None);
                 assert_eq!(path, &dir.path().join("sd"));
+                assert_eq!((config, tokenizer), (&None, &None));
                 assert_eq!(lora.as_deref(), Some(dir.path().join("lcm.safetensors").as_path()));
                 assert_eq!(*lora_scale, 1.0);
             }
@@ -246,6 +259,22 @@ config = "hop1.json"
         let ldm = text.replace("kind = \"diffusers\"", "kind = \"ldm\"");
         let err = ProfileSpec::parse(&ldm, Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("[autoencoder] variant applies to kind = \"diffusers\" only"), "{err}");
+    }
+
+    #[test]
+    fn single_file_config_and_tokenizer_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        let text = SD15.replace("path = \"sd\"", "path = \"sd.safetensors\"\nconfig = \"cfg\"\ntokenizer = \"/abs/tok\"");
+        std::fs::write(&file, text).unwrap();
+        match ProfileSpec::read(&file).unwrap().base {
+            BaseSpec::StableDiffusion { path, config, tokenizer, .. } => {
+                assert_eq!(path, dir.path().join("sd.safetensors"));
+                assert_eq!(config, Some(dir.path().join("cfg")));
+                assert_eq!(tokenizer, Some(PathBuf::from("/abs/tok")));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use fmboost_models::autoencoder::{Autoencoder, AutoencoderConfig, TileConfig};
+use fmboost_models::base::single_file::SingleFileOptions;
 use fmboost_models::base::{LoadOptions, LoraSpec, StableDiffusion, TextToLatent};
 use fmboost_models::cfm::{self, EfficientUNet, HopConfig, LatentCodec, Solver, UNetConfig, UpsampleMode, WeightSource};
 use fmboost_models::progress::{Flow, RunError, Step};
@@ -283,9 +284,9 @@ fn load_unet(files: Files, path: &Path, config: &UNetConfig, device: &Device, dt
 
 fn load_base(spec: &BaseSpec, files: Files, device: &Device, dtype: DType) -> Result<BaseModel, String> {
     match spec {
-        BaseSpec::StableDiffusion { path, lora, lora_scale, variant } => {
+        BaseSpec::StableDiffusion { path, lora, lora_scale, variant, config, tokenizer } => {
             if matches!(files, Files::Embedded(_)) {
-                return Err("a Stable Diffusion base must be a directory on disk".into());
+                return Err("a Stable Diffusion base must be on disk".into());
             }
             let options = LoadOptions {
                 device: device.clone(),
@@ -293,8 +294,28 @@ fn load_base(spec: &BaseSpec, files: Files, device: &Device, dtype: DType) -> Re
                 loras: lora.iter().map(|path| LoraSpec { path: path.clone(), scale: *lora_scale }).collect(),
                 variant: variant.clone(),
             };
-            let sd = StableDiffusion::load(path, &options).map_err(|e| e.to_string())?;
-            Ok(BaseModel::StableDiffusion(Box::new(sd)))
+            if !path.exists() {
+                return Err(format!("{}: no such file or directory (a diffusers SD directory or a single-file checkpoint)", path.display()));
+            }
+            let sd = if path.is_file() {
+                if let Some(variant) = variant {
+                    return Err(format!(
+                        "`variant = \"{variant}\"` picks files in a diffusers directory; {} is a single file (remove `variant`)",
+                        path.display()
+                    ));
+                }
+                let single = SingleFileOptions { config: config.clone(), tokenizer: tokenizer.clone() };
+                StableDiffusion::load_single_file(path, &single, &options)
+            } else {
+                if config.is_some() || tokenizer.is_some() {
+                    return Err(format!(
+                        "`config` and `tokenizer` are for a single-file checkpoint; {} is not a file (a diffusers directory has its own)",
+                        path.display()
+                    ));
+                }
+                StableDiffusion::load(path, &options)
+            };
+            Ok(BaseModel::StableDiffusion(Box::new(sd.map_err(|e| e.to_string())?)))
         }
         BaseSpec::Flow { path, config, latent_size } => {
             let config = read_unet_config(files, config)?;

@@ -6,6 +6,7 @@
 //! - [`golden`]: checks against the reference vectors in `shared/golden`.
 //! - [`train`]: the trainer (autoencoder, CFM hops, base generator).
 //! - [`weights`]: safetensors/config loading with one error for all missing keys.
+//! - [`tensor_file`]: one weights file, safetensors or PyTorch zip pickle, read lazily.
 //! - [`rng`]: seeded noise drawn on the CPU (see "Determinism" in the architecture doc).
 //! - [`init`]: seeded initial weights, so a training run (or a random benchmark network) is reproducible.
 //! - [`pixels`]: 8-bit RGB photos: loading, area downsampling, crops, tensor conversion.
@@ -21,5 +22,6 @@ pub mod init;
 pub mod pixels;
 pub mod progress;
 pub mod rng;
+pub mod tensor_file;
 pub mod train;
 pub mod weights;

@@ -3,7 +3,7 @@
 //! and a checked `VarBuilder` that collects every missing key and wrong shape of a model into one
 //! error instead of stopping at the first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -123,7 +123,7 @@ fn other_variants(dir: &Path, names: WeightNames, variant: Option<&str>) -> Vec<
 
 /// Reads a weights file by its kind: safetensors, a sharded safetensors index
 /// (`*.safetensors.index*.json`, every shard it names), or a PyTorch `.bin` zip pickle (read by
-/// candle's unpickler, which only rebuilds tensors and never runs code from the file).
+/// [`TensorFile`](crate::tensor_file::TensorFile): candle's unpickler, which never runs code).
 pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if name.ends_with(".safetensors") {
@@ -131,7 +131,7 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
     } else if name.contains(".safetensors.index") && name.ends_with(".json") {
         read_sharded_safetensors(path)
     } else if name.ends_with(".bin") {
-        read_pytorch_pickle(path)
+        crate::tensor_file::TensorFile::open(path)?.load_prefixed("")
     } else {
         Err(LoadError::Config { path: path.into(), message: "unknown weights format: expected .safetensors, .safetensors.index.json or a PyTorch .bin".into() })
     }
@@ -168,40 +168,18 @@ pub fn read_sharded_safetensors(index: &Path) -> Result<HashMap<String, Tensor>,
     Ok(tensors)
 }
 
-/// A PyTorch zip pickle (`torch.save` since 1.6) as a tensor map, without executing anything
-/// from the file. The legacy (pre-zip) format is refused with the command that converts it.
-pub fn read_pytorch_pickle(path: &Path) -> Result<HashMap<String, Tensor>, LoadError> {
-    let mut magic = [0u8; 4];
-    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut magic));
-    match read {
-        Err(source) => return Err(LoadError::Io { path: path.into(), source }),
-        Ok(n) if n < 4 || &magic != b"PK\x03\x04" => {
-            return Err(LoadError::Config {
-                path: path.into(),
-                message: format!("not a zip-format PyTorch file (saved by torch < 1.6, or not PyTorch at all); convert it to safetensors: {}", convert_hint(path)),
-            });
-        }
-        Ok(_) => {}
-    }
-    let tensors = candle_core::pickle::read_all(path).map_err(|e| LoadError::Config {
-        path: path.into(),
-        message: format!("cannot read this PyTorch pickle ({e}); convert it to safetensors: {}", convert_hint(path)),
-    })?;
-    Ok(tensors.into_iter().collect())
-}
-
 /// The one-line conversion from a PyTorch file to the safetensors file diffusers would read
 /// (`pytorch_model.bin` → `model.safetensors`, `x.bin` → `x.safetensors`).
 pub fn convert_hint(path: &Path) -> String {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stem = name.strip_suffix(".bin").unwrap_or(&name);
+    let stem = [".bin", ".ckpt", ".pth", ".pt"].iter().find_map(|ext| name.strip_suffix(ext)).unwrap_or(&name);
     let stem = match stem.strip_prefix("pytorch_model") {
         Some(rest) => format!("model{rest}"),
         None => stem.to_string(),
     };
     let out = path.with_file_name(format!("{stem}.safetensors"));
     format!(
-        "python -c \"import torch, safetensors.torch as st; sd = torch.load('{}', map_location='cpu', weights_only=True); st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{}')\"",
+        "python -c \"import torch, safetensors.torch as st; sd = torch.load('{}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{}')\"",
         path.display(),
         out.display()
     )
@@ -258,6 +236,35 @@ impl SimpleBackend for CheckedBackend {
     }
 }
 
+/// Records what a model asks for and hands back zero-stride views, so building it costs no
+/// memory whatever its size.
+struct ShapeRecorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().expect("shape list lock").insert(name.to_string(), shape.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape recorder: `{name}` requested without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Every tensor `build` asks for, with its shape, without loading or allocating weights: what
+/// a file must hold for the model, to compare with what it does hold before reading it.
+pub fn expected_shapes<T>(build: impl FnOnce(VarBuilder) -> candle_core::Result<T>) -> candle_core::Result<BTreeMap<String, Vec<usize>>> {
+    let shapes = Arc::new(Mutex::new(BTreeMap::new()));
+    let vb = VarBuilder::from_backend(Box::new(ShapeRecorder(shapes.clone())), DType::F32, Device::Cpu);
+    build(vb)?;
+    let shapes = std::mem::take(&mut *shapes.lock().expect("shape list lock"));
+    Ok(shapes)
+}
+
 /// Builds a model from `tensors` with `build`, reporting all missing keys and wrong shapes
 /// together as one [`LoadError::Weights`] naming `source_name` (a file or directory).
 pub fn build_checked<T>(
@@ -297,6 +304,16 @@ mod tests {
         assert!(text.contains("`a.weight` has shape [2, 3], expected [3, 2]"), "{text}");
         assert!(text.contains("missing key `b.bias`"), "{text}");
         assert!(text.contains("missing key `c.bias`"), "{text}");
+    }
+
+    #[test]
+    fn expected_shapes_lists_every_request() {
+        let shapes = expected_shapes(|vb| {
+            vb.get((3, 2), "a.weight")?;
+            vb.pp("b").get(4, "bias")
+        })
+        .unwrap();
+        assert_eq!(shapes.into_iter().collect::<Vec<_>>(), vec![("a.weight".into(), vec![3, 2]), ("b.bias".into(), vec![4])]);
     }
 
     #[test]

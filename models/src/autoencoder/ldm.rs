@@ -3,7 +3,7 @@
 //! LDM numbers decoder levels from the highest resolution (`up.0` is the last block run),
 //! diffusers in run order (`up_blocks.0` is the first), so the decoder index flips.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -36,6 +36,48 @@ fn yes() -> bool {
 }
 
 impl LdmConfig {
+    /// The `ddconfig` a state dict (prefix stripped) was made with, read off its shapes: for
+    /// files that carry none (a `vae-ft-mse` file, a single-file SD checkpoint's
+    /// `first_stage_model`, the paper's Lightning checkpoint).
+    pub fn from_shapes(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Self, String> {
+        let shape = |key: &str| shapes.get(key).ok_or_else(|| format!("no `{key}`: not an LDM autoencoder"));
+        let conv_in = shape("encoder.conv_in.weight")?;
+        let (ch, in_channels) = (conv_in[0], conv_in[1]);
+        let levels = (0..).take_while(|i| shapes.contains_key(&format!("encoder.down.{i}.block.0.conv1.weight"))).count();
+        let num_res_blocks = (0..).take_while(|j| shapes.contains_key(&format!("encoder.down.0.block.{j}.conv1.weight"))).count();
+        if levels == 0 || ch == 0 {
+            return Err("no `encoder.down.0.block.0`: not an LDM autoencoder".into());
+        }
+        let mut ch_mult = Vec::with_capacity(levels);
+        for i in 0..levels {
+            let out = shape(&format!("encoder.down.{i}.block.0.conv1.weight"))?[0];
+            if out % ch != 0 {
+                return Err(format!("encoder.down.{i} has {out} channels, not a multiple of conv_in's {ch}"));
+            }
+            ch_mult.push(out / ch);
+        }
+        let z_channels = shape("decoder.conv_in.weight")?[1];
+        let moments = shape("encoder.conv_out.weight")?[0];
+        let attn_resolutions = if shapes.keys().any(|k| k.contains(".attn.")) {
+            // Only the presence matters: attention inside the levels is refused downstream.
+            vec![0]
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            double_z: moments == 2 * z_channels,
+            z_channels,
+            in_channels,
+            out_ch: shape("decoder.conv_out.weight")?[0],
+            ch,
+            ch_mult,
+            num_res_blocks,
+            attn_resolutions,
+            dropout: 0.0,
+            resolution: None,
+        })
+    }
+
     /// The equivalent diffusers configuration. LDM's GroupNorm always has 32 groups.
     pub fn to_autoencoder_config(&self, scaling_factor: f64) -> Result<AutoencoderConfig, String> {
         if !self.double_z {
@@ -175,5 +217,31 @@ mod tests {
         }
         assert_eq!(rename("encoder.up.0.block.0.conv1.weight", 3), None);
         assert_eq!(rename("decoder.up.3.block.0.conv1.weight", 3), None);
+    }
+
+    #[test]
+    fn ddconfig_is_read_off_the_shapes() {
+        let shapes: BTreeMap<String, Vec<usize>> = [
+            ("encoder.conv_in.weight", vec![128, 3, 3, 3]),
+            ("encoder.down.0.block.0.conv1.weight", vec![128, 128, 3, 3]),
+            ("encoder.down.0.block.1.conv1.weight", vec![128, 128, 3, 3]),
+            ("encoder.down.1.block.0.conv1.weight", vec![256, 128, 3, 3]),
+            ("encoder.down.2.block.0.conv1.weight", vec![512, 256, 3, 3]),
+            ("encoder.down.3.block.0.conv1.weight", vec![512, 512, 3, 3]),
+            ("encoder.conv_out.weight", vec![8, 512, 3, 3]),
+            ("decoder.conv_in.weight", vec![512, 4, 3, 3]),
+            ("decoder.conv_out.weight", vec![3, 128, 3, 3]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let c = LdmConfig::from_shapes(&shapes).unwrap();
+        assert_eq!((c.ch, c.ch_mult.clone(), c.num_res_blocks, c.z_channels, c.double_z), (128, vec![1, 2, 4, 4], 2, 4, true));
+        let sd = c.to_autoencoder_config(0.18215).unwrap();
+        assert_eq!(sd.block_out_channels, super::AutoencoderConfig::sd15().block_out_channels);
+        let mut with_attn = shapes.clone();
+        with_attn.insert("encoder.down.3.attn.0.q.weight".into(), vec![512, 512, 1, 1]);
+        assert!(LdmConfig::from_shapes(&with_attn).unwrap().to_autoencoder_config(0.18215).unwrap_err().contains("attn_resolutions"));
+        assert!(LdmConfig::from_shapes(&BTreeMap::new()).unwrap_err().contains("encoder.conv_in.weight"));
     }
 }

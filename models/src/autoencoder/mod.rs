@@ -212,24 +212,36 @@ impl Autoencoder {
         Self::from_diffusers_tensors(&config, &tensors, &weights_path.display().to_string(), dtype, device)
     }
 
-    /// Loads the paper's (LDM) first-stage layout from a safetensors file whose metadata holds
-    /// the `ddconfig` JSON (and optionally `scale_factor`); keys may carry a prefix such as
-    /// `ae.` or `first_stage_model.`.
+    /// Loads an LDM-layout autoencoder file: safetensors or a PyTorch zip pickle (`.ckpt`,
+    /// `state_dict` inside a Lightning checkpoint). Its keys may carry a prefix: `ae.`,
+    /// `first_stage_model.` (a single-file SD checkpoint: the same file as the base), or
+    /// `first_stage.` (the paper's Lightning checkpoint); keys outside it belong to other
+    /// networks and are counted, not read. The `ddconfig` comes from the safetensors metadata
+    /// when it is there (with `scale_factor`), else from the tensors' shapes; the scaling
+    /// factor is then SD's 0.18215, which the paper's trainer uses too.
     pub fn load_ldm_file(path: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Io { path: path.into(), source })?;
-        let bad = |message: String| LoadError::Safetensors { path: path.into(), message };
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let file = crate::tensor_file::TensorFile::open(path)?;
+        let metadata = file.metadata();
         let config_error = |message: String| LoadError::Config { path: path.into(), message };
-        let ddconfig = metadata
-            .get("ddconfig")
-            .ok_or_else(|| config_error("no `ddconfig` in the safetensors metadata (the LDM layout needs it)".into()))?;
-        let ddconfig: LdmConfig = serde_json::from_str(ddconfig).map_err(|e| config_error(format!("ddconfig: {e}")))?;
+        let prefix = detect_prefix_in(file.shapes().keys().map(String::as_str), "encoder.conv_in.weight");
+        let shapes: std::collections::BTreeMap<String, Vec<usize>> = file
+            .shapes()
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix.as_str()).map(|k| (k.to_string(), v.clone())))
+            .collect();
+        let ddconfig: LdmConfig = match metadata.get("ddconfig") {
+            Some(json) => serde_json::from_str(json).map_err(|e| config_error(format!("ddconfig: {e}")))?,
+            None => LdmConfig::from_shapes(&shapes).map_err(|e| config_error(format!("no `ddconfig` metadata, and {e}")))?,
+        };
         let scale_factor = match metadata.get("scale_factor") {
             Some(s) => s.parse::<f64>().map_err(|e| config_error(format!("scale_factor `{s}`: {e}")))?,
             None => default_scaling_factor(),
         };
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+        let other = file.shapes().len() - shapes.len();
+        if other > 0 {
+            tracing::info!(path = %path.display(), prefix = %prefix, other_keys = other, "autoencoder read from its prefix; the file's other keys belong to other networks");
+        }
+        let tensors = file.load_prefixed(&prefix)?;
         Self::from_ldm_tensors(&ddconfig, scale_factor, &tensors, &path.display().to_string(), dtype, device)
     }
 
@@ -248,6 +260,16 @@ impl Autoencoder {
         let prefix = detect_prefix(tensors, "encoder.conv_in.weight");
         let renamed = ldm::to_diffusers_names(&weights::strip_prefix(tensors, &prefix), config.block_out_channels.len())
             .map_err(|problems| LoadError::Weights { source_name: source_name.into(), problems })?;
+        // A well-formed name the network does not have (a fifth level, a third resnet) is as
+        // wrong as a missing one.
+        let expected = weights::expected_shapes(|vb| Self::new(&config, vb))
+            .map_err(|source| LoadError::Candle { context: source_name.into(), source })?;
+        let mut unexpected: Vec<String> =
+            renamed.keys().filter(|k| !expected.contains_key(*k)).map(|k| format!("unexpected key `{k}` (as diffusers names it)")).collect();
+        if !unexpected.is_empty() {
+            unexpected.sort();
+            return Err(LoadError::Weights { source_name: source_name.into(), problems: unexpected });
+        }
         weights::build_checked(renamed, source_name, dtype, device, |vb| Self::new(&config, vb))
     }
 
@@ -365,8 +387,12 @@ impl Autoencoder {
 
 /// The prefix (possibly empty) before `anchor` in the keys, e.g. `vae.` or `first_stage_model.`.
 pub(crate) fn detect_prefix(tensors: &HashMap<String, Tensor>, anchor: &str) -> String {
-    let mut prefixes: Vec<&str> =
-        tensors.keys().filter_map(|k| k.strip_suffix(anchor)).filter(|p| p.is_empty() || p.ends_with('.')).collect();
+    detect_prefix_in(tensors.keys().map(String::as_str), anchor)
+}
+
+/// [`detect_prefix`] over key names.
+pub(crate) fn detect_prefix_in<'a>(names: impl Iterator<Item = &'a str>, anchor: &str) -> String {
+    let mut prefixes: Vec<&str> = names.filter_map(|k| k.strip_suffix(anchor)).filter(|p| p.is_empty() || p.ends_with('.')).collect();
     prefixes.sort_by_key(|p| p.len());
     prefixes.first().map(|p| p.to_string()).unwrap_or_default()
 }

@@ -1,8 +1,8 @@
 //! SD 1.5 text-to-latent: CLIP tokenizer and text encoder, the UNet (candle-transformers'),
 //! classifier-free guidance with a negative prompt, and the DDIM / Euler ancestral / LCM
-//! schedulers. Weights come from a diffusers-format directory on disk as the hub ships it (see
-//! docs/models/sd15.md), optionally with LoRA files (LCM-LoRA, for instance) fused into the
-//! UNet at load time.
+//! schedulers. Weights come from a diffusers-format directory on disk as the hub ships it, or
+//! a single-file checkpoint ([`single_file`]) (see docs/models/sd15.md), optionally with LoRA
+//! files (LCM-LoRA, for instance) fused into the UNet at load time.
 //!
 //! Prompts longer than the text encoder's context (77 tokens with start/end) are truncated
 //! with a warning, as diffusers does. Initial noise and scheduler noise are drawn per job from
@@ -10,10 +10,12 @@
 
 pub mod lora;
 pub mod scheduler;
+pub mod single_file;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -158,28 +160,10 @@ impl StableDiffusion {
         let text_tensors = weights::read_weights(&text_weights)?;
         let text_encoder =
             TextEncoder::build(&clip_config, &text_tensors, &text_weights.display().to_string(), options.dtype, &options.device)?;
-        let tokenizer = PromptTokenizer::from_dir(&tokenizer_dir, Some(text_encoder.context()))?;
-        if tokenizer.vocab_size() > clip_config.vocab_size {
-            return Err(LoadError::Config {
-                path: tokenizer.source().to_string().into(),
-                message: format!(
-                    "{} token ids, more than the text encoder's vocab_size {} (text_encoder/config.json): tokenizer and encoder are from different models",
-                    tokenizer.vocab_size(),
-                    clip_config.vocab_size
-                ),
-            });
-        }
+        let tokenizer = tokenizer_for(&tokenizer_dir, &clip_config, &text_encoder)?;
 
         let unet_config: UNetConfig = weights::read_json(&dir.join("unet/config.json"))?;
-        let mut unet_tensors = weights::read_weights(&unet_weights)?;
-        for lora in &options.loras {
-            let adapter = weights::read_safetensors(&lora.path)?;
-            let prefix = crate::autoencoder::detect_prefix(&unet_tensors, "conv_in.weight");
-            let mut stripped = weights::strip_prefix(&unet_tensors, &prefix);
-            let fused = lora::fuse(&mut stripped, &adapter, lora.scale, &lora.path.display().to_string())?;
-            tracing::info!(path = %lora.path.display(), layers = fused, scale = lora.scale, "fused LoRA into the UNet");
-            unet_tensors = stripped;
-        }
+        let unet_tensors = fuse_loras(weights::read_weights(&unet_weights)?, &options.loras)?;
         let unet = unet::build_unet(&unet_config, &unet_tensors, &unet_weights.display().to_string(), options.dtype, &options.device)?;
         Ok(Self {
             tokenizer,
@@ -236,6 +220,37 @@ impl StableDiffusion {
         let latents = (noise.next(&shape, &self.device)?.to_dtype(self.dtype)? * scheduler.init_noise_sigma())?;
         denoise(&self.unet, latents, &cond, uncond.as_ref(), settings.guidance, &scheduler, &mut noise, progress)
     }
+}
+
+/// Fuses each LoRA into diffusers-named UNet tensors (a leading prefix such as `unet.` is
+/// detected and stripped when there are LoRAs).
+/// The tokenizer of `dir` (a tokenizer folder or a pipeline folder) for this text encoder: its
+/// context is the encoder's, and its ids must fit the encoder's embedding.
+pub(crate) fn tokenizer_for(dir: &Path, clip_config: &ClipConfig, text_encoder: &TextEncoder) -> Result<PromptTokenizer, LoadError> {
+    let tokenizer = PromptTokenizer::from_dir(dir, Some(text_encoder.context()))?;
+    if tokenizer.vocab_size() > clip_config.vocab_size {
+        return Err(LoadError::Config {
+            path: tokenizer.source().to_string().into(),
+            message: format!(
+                "{} token ids, more than the text encoder's vocab_size {}: tokenizer and encoder are from different models",
+                tokenizer.vocab_size(),
+                clip_config.vocab_size
+            ),
+        });
+    }
+    Ok(tokenizer)
+}
+
+fn fuse_loras(mut unet_tensors: HashMap<String, Tensor>, loras: &[LoraSpec]) -> Result<HashMap<String, Tensor>, LoadError> {
+    for lora in loras {
+        let adapter = weights::read_safetensors(&lora.path)?;
+        let prefix = crate::autoencoder::detect_prefix(&unet_tensors, "conv_in.weight");
+        let mut stripped = weights::strip_prefix(&unet_tensors, &prefix);
+        let fused = lora::fuse(&mut stripped, &adapter, lora.scale, &lora.path.display().to_string())?;
+        tracing::info!(path = %lora.path.display(), layers = fused, scale = lora.scale, "fused LoRA into the UNet");
+        unet_tensors = stripped;
+    }
+    Ok(unet_tensors)
 }
 
 /// The sampling loop: from `latents` (already × init noise sigma) through every scheduler step,

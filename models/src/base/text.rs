@@ -37,7 +37,7 @@ pub struct ClipConfig {
 }
 
 impl ClipConfig {
-    fn to_candle(&self) -> Result<ClipTextConfig, String> {
+    pub(crate) fn to_candle(&self) -> Result<ClipTextConfig, String> {
         if self.hidden_act != "quick_gelu" {
             return Err(format!("hidden_act `{}` is not supported (only quick_gelu, as in SD 1.x)", self.hidden_act));
         }

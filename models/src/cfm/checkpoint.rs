@@ -1,20 +1,19 @@
-//! Loading `EfficientUNet` weights from safetensors: bare reference keys, `net.`-prefixed, or a
-//! converted Lightning checkpoint (`model.net.`, or the EMA weights `ema_model.ema_model.net.`,
-//! preferred when both are present). The file must match the config exactly: missing keys,
+//! Loading `EfficientUNet` weights from safetensors or the reference code's own Lightning
+//! `.ckpt` (a zip pickle, read without executing it; see [`crate::tensor_file`]): bare
+//! reference keys, `net.`-prefixed, or a Lightning state dict (`model.net.`, or the EMA
+//! weights `ema_model.ema_model.net.`, preferred when both are present). The file must match the config exactly: missing keys,
 //! unexpected keys and shape mismatches are reported together in one error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::UNetConfig;
 use super::unet::EfficientUNet;
+use crate::tensor_file::TensorFile;
 
 /// Key prefixes we recognise, in order of preference (EMA weights first: sampling uses them).
 pub const PREFIXES: [&str; 3] = ["ema_model.ema_model.net.", "model.net.", "net."];
@@ -127,17 +126,14 @@ pub fn load_unet(
     let source_name = source.name();
     let read_error = |message: String| LoadError::Read { source_name: source_name.clone(), message };
 
-    let mmap;
+    let file;
     let shapes: Vec<(String, Vec<usize>)> = match &source {
         WeightSource::File(path) => {
-            // SAFETY: the mapping is read-only and lives only for this call; a checkpoint must
-            // not be rewritten while it is being loaded.
-            mmap = Some(unsafe { MmapedSafetensors::new(path) }.map_err(|e| read_error(e.to_string()))?);
-            let st = mmap.as_ref().expect("just set");
-            st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
+            file = Some(TensorFile::open(path).map_err(|e| LoadError::Read { source_name: source_name.clone(), message: e.to_string() })?);
+            file.as_ref().expect("just set").shapes().iter().map(|(name, shape)| (name.clone(), shape.clone())).collect()
         }
         WeightSource::Tensors(map) => {
-            mmap = None;
+            file = None;
             map.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect()
         }
     };
@@ -157,13 +153,13 @@ pub fn load_unet(
     let mut tensors = HashMap::with_capacity(expected.len());
     for name in expected.keys() {
         let full = format!("{prefix}{name}");
-        let tensor = match (&source, &mmap) {
-            (WeightSource::File(_), Some(st)) => st.load(&full, &Device::Cpu),
-            (WeightSource::Tensors(map), _) => Ok(map[&full].clone()),
-            (WeightSource::File(_), None) => unreachable!("files are always mapped"),
+        let tensor = match (&source, &file) {
+            (WeightSource::File(_), Some(file)) => file.load(&full).map_err(|e| read_error(e.to_string()))?,
+            (WeightSource::Tensors(map), _) => map[&full].clone(),
+            (WeightSource::File(_), None) => unreachable!("files are always opened"),
         };
         let tensor = tensor
-            .and_then(|t| t.to_dtype(dtype))
+            .to_dtype(dtype)
             .and_then(|t| t.to_device(device))
             .map_err(|e| read_error(format!("tensor `{full}`: {e}")))?;
         tensors.insert(name.clone(), tensor);
@@ -204,31 +200,10 @@ fn compare(expected: &BTreeMap<String, Vec<usize>>, found: &BTreeMap<String, Vec
     mismatch
 }
 
-/// Records what the network asks for and hands back zero-stride views: building the network
-/// through it costs no memory, whatever the config.
-struct ShapeRecorder<'a>(&'a Mutex<BTreeMap<String, Vec<usize>>>);
-
-impl SimpleBackend for ShapeRecorder<'_> {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.lock().expect("not poisoned").insert(name.to_string(), s.dims().to_vec());
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("shape recorder: `{name}` requested without a shape")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// Every parameter of the network of `config`, by reference name (no prefix), with its shape.
+/// Every parameter of the network of `config`, by reference name (no prefix), with its shape
+/// (building it through a recorder costs no memory, whatever the config).
 pub fn parameter_shapes(config: &UNetConfig) -> candle_core::Result<BTreeMap<String, Vec<usize>>> {
-    let shapes = Mutex::new(BTreeMap::new());
-    let vb = VarBuilder::from_backend(Box::new(ShapeRecorder(&shapes)), DType::F32, Device::Cpu);
-    EfficientUNet::new(config, vb)?;
-    Ok(shapes.into_inner().expect("not poisoned"))
+    crate::weights::expected_shapes(|vb| EfficientUNet::new(config, vb))
 }
 
 /// Total scalar parameters of the network of `config`.
