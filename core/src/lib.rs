@@ -3,10 +3,12 @@
 //! generic worker runtime, the `sleep` load-test executor, metrics/health endpoints, and loopback
 //! ports for the servers that tests and the load harness start.
 
+pub mod health;
 pub mod keys;
 pub mod metrics;
 pub mod net;
 pub mod profile;
+pub mod reason;
 pub mod redis_conn;
 pub mod sleep;
 pub mod spec;
