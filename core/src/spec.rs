@@ -408,6 +408,9 @@ fn parse_base(base: pb::BaseSettings, limits: Option<&Limits>, defaults: Option<
     if !SCHEDULERS.contains(&scheduler.as_str()) {
         return Err(invalid("base.scheduler", format!("unknown scheduler {:?} (known: {})", scheduler, SCHEDULERS.join(", "))));
     }
+    // −0 equals 0 (IEEE 754) and guides the same: admitted as +0, so the record, the PNG's
+    // parameters and idempotency comparisons see one zero.
+    let guidance = if guidance == 0.0 { 0.0 } else { guidance };
     Ok(BaseSettings { width, height, steps, scheduler, guidance })
 }
 
