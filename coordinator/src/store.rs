@@ -7,6 +7,7 @@
 //! (the PNG's length), `error`, `created_ms`, `updated_ms`. Terminal records expire after `--result-ttl-ms`.
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use fmboost_core::keys::Keys;
 use fmboost_core::spec::JobSpec;
@@ -207,6 +208,8 @@ pub struct JobStore {
     pub conn: ConnectionManager,
     pub result_ttl_ms: u64,
     pub blob_ttl_ms: u64,
+    /// How long a Submit waits for Redis (`--redis-timeout-ms`).
+    pub timeout: Duration,
 }
 
 pub struct NewJob<'a> {
@@ -231,6 +234,11 @@ impl JobStore {
 
     /// Writes the record and queues the first task, atomically, unless the queue is full or
     /// the idempotency key is known.
+    ///
+    /// Fails fast or finishes, never both: UNAVAILABLE only before anything was sent (a PING
+    /// first, so a stalled Redis is found before the write); once the script is sent, its
+    /// answer within the timeout is the answer, and no answer is [`ApiError::OutcomeUnknown`]
+    /// (the script may still run when Redis resumes; a late outcome is logged).
     pub async fn submit(&self, job: NewJob<'_>, now: u64) -> Result<Submitted, ApiError> {
         let first = job.spec.first_stage();
         let upload_key = self.keys.upload_blob(job.job_id);
@@ -254,13 +262,54 @@ impl JobStore {
             .arg(self.blob_ttl_ms)
             .arg(first.kind.name())
             .arg(first.hop);
+        self.ping_before_writing().await?;
         let mut conn = self.conn.clone();
-        let (outcome, value): (String, String) = invocation.invoke_async(&mut conn).await?;
+        let mut reply = tokio::spawn(async move { invocation.invoke_async::<(String, String)>(&mut conn).await });
+        let job_id = job.job_id.to_string();
+        let unknown = |reason: String| ApiError::OutcomeUnknown { job_id: job_id.clone(), reason };
+        let reply = tokio::select! {
+            reply = &mut reply => reply,
+            _ = tokio::time::sleep(self.timeout) => {
+                let late_job = job_id.clone();
+                tokio::spawn(async move {
+                    match reply.await {
+                        Ok(Ok((outcome, _))) => tracing::warn!(job = %late_job, "the Submit told `outcome unknown` finished late: {outcome}"),
+                        Ok(Err(err)) => tracing::warn!(job = %late_job, "the Submit told `outcome unknown` got no answer: {err}"),
+                        Err(err) => tracing::error!(job = %late_job, "the Submit task: {err}"),
+                    }
+                });
+                return Err(unknown(format!("Redis did not answer the write within {} ms (--redis-timeout-ms)", self.timeout.as_millis())));
+            }
+        };
+        let (outcome, value) = match reply {
+            Ok(Ok(reply)) => reply,
+            // Refused connections sent nothing.
+            Ok(Err(err)) if err.is_connection_refusal() => return Err(err.into()),
+            Ok(Err(err)) if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() => {
+                return Err(unknown(format!("the connection to Redis failed during the write: {err}")));
+            }
+            Ok(Err(err)) => return Err(ApiError::Internal(anyhow::anyhow!("the submit script: {err}"))),
+            Err(err) => return Err(ApiError::Internal(anyhow::anyhow!("the submit task: {err}"))),
+        };
         Ok(match outcome.as_str() {
             "created" => Submitted::Created(value),
             "existing" => Submitted::Existing(value),
             _ => Submitted::Full { active: value.parse().unwrap_or(0) },
         })
+    }
+
+    /// UNAVAILABLE unless Redis answers a PING within the timeout; sent on the connection the
+    /// write will use, so its answer also means no earlier command there is stuck.
+    async fn ping_before_writing(&self) -> Result<(), ApiError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, redis::cmd("PING").query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(ApiError::Unavailable(anyhow::anyhow!("PING before the write: {err}; nothing was written"))),
+            Err(_) => Err(ApiError::Unavailable(anyhow::anyhow!(
+                "no answer to PING within {} ms (--redis-timeout-ms); nothing was written",
+                self.timeout.as_millis()
+            ))),
+        }
     }
 
     /// The prost-encoded task for `at`.
