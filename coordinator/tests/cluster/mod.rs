@@ -58,12 +58,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Proc {
+    fn spawn(name: &str, program: &Path, args: &[String], dir: &Path, env: &[(String, String)]) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
@@ -114,6 +115,10 @@ pub struct Options {
     pub max_deliveries: u32,
     pub max_batch: u32,
     pub batch_wait_ms: u64,
+    /// More coordinator flags.
+    pub coordinator_args: Vec<String>,
+    /// Environment of the coordinator and worker processes (besides RUST_LOG=info).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -129,6 +134,8 @@ impl Default for Options {
             max_deliveries: 3,
             max_batch: 1,
             batch_wait_ms: 0,
+            coordinator_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -155,7 +162,7 @@ impl Cluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let redis = Proc::spawn("redis", &redis_bin, &args, dir.path());
+        let redis = Proc::spawn("redis", &redis_bin, &args, dir.path(), &[]);
         wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "redis-server");
         let mut cluster = Cluster {
             redis_url: format!("redis://127.0.0.1:{port}"),
@@ -213,9 +220,10 @@ impl Cluster {
             std::fs::write(&path, format!("{token}\n")).expect("token file");
             args.extend(["--auth-token-file".into(), path.display().to_string()]);
         }
+        args.extend(self.options.coordinator_args.iter().cloned());
         self.spawned += 1;
         let name = format!("coordinator-{}", self.spawned);
-        let proc = Proc::spawn(&name, &binary("fmboost-coordinator"), &args, self.dir.path());
+        let proc = Proc::spawn(&name, &binary("fmboost-coordinator"), &args, self.dir.path(), &self.options.env);
         wait_for_port(addr, "the coordinator");
         (proc, addr)
     }
@@ -249,7 +257,7 @@ impl Cluster {
         args.extend_from_slice(extra);
         self.spawned += 1;
         let name = format!("worker-{stage}-{}", self.spawned);
-        let proc = Proc::spawn(&name, &binary(&format!("fmboost-worker-{stage}")), &args, self.dir.path());
+        let proc = Proc::spawn(&name, &binary(&format!("fmboost-worker-{stage}")), &args, self.dir.path(), &self.options.env);
         self.workers.push((stage.to_string(), proc));
         self.workers.len() - 1
     }
@@ -387,7 +395,8 @@ pub fn terminal(events: &[pb::JobEvent]) -> &pb::job_event::Event {
 
 /// Downloads the PNG (and the final latent when `latent`).
 pub async fn result(cluster: &Cluster, client: &mut PipelineClient<Channel>, job_id: &str, latent: bool) -> (Vec<u8>, Option<pb::Tensor>) {
-    let request = pb::GetResultRequest { job_id: job_id.into(), include_latent: latent, chunk_bytes: 1000 };
+    // The smallest chunk allowed, so that larger results come in several.
+    let request = pb::GetResultRequest { job_id: job_id.into(), include_latent: latent, chunk_bytes: 16 << 10 };
     let mut stream = client.get_result(cluster.authorize(tonic::Request::new(request))).await.expect("get result").into_inner();
     let (mut png, mut tensor) = (Vec::new(), None::<pb::Tensor>);
     while let Some(chunk) = stream.message().await.expect("result stream") {
