@@ -9,6 +9,7 @@
 use std::pin::Pin;
 
 use fmboost_core::spec::ValidationError;
+use fmboost_core::tensor::DType;
 use fmboost_proto::v1 as pb;
 use futures::Stream;
 use tonic::Status;
@@ -109,15 +110,9 @@ fn internal(message: String) -> ApiError {
 }
 
 fn check_latent_size(header: &LatentHeader, len: u64) -> Result<(), String> {
-    let dtype = pb::DType::try_from(header.dtype).map_err(|_| format!("unknown dtype {}", header.dtype))?;
-    let element_bytes: u64 = match dtype {
-        pb::DType::DtypeF32 => 4,
-        pb::DType::DtypeF16 | pb::DType::DtypeBf16 => 2,
-        pb::DType::DtypeU8 => 1,
-        pb::DType::DtypeUnspecified => return Err("unspecified dtype".into()),
-    };
+    let dtype = DType::from_proto(header.dtype).ok_or_else(|| format!("unknown dtype {}", header.dtype))?;
     let elements = header.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).ok_or("shape overflows")?;
-    if elements.checked_mul(element_bytes) != Some(len) {
+    if elements.checked_mul(dtype.size_in_bytes() as u64) != Some(len) {
         return Err(format!("shape {:?} of {dtype:?} does not match {len} data bytes", header.shape));
     }
     Ok(())
