@@ -178,6 +178,8 @@ impl Pipeline for PipelineService {
     async fn cluster_status(&self, _request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let stages = status::cluster_status(&self.store, &self.metrics).await?;
         let active_jobs = self.store.active_jobs().await?;
-        Ok(Response::new(pb::ClusterStatusResponse { stages, active_jobs, max_queued: self.max_queued }))
+        let names: Vec<String> = self.limits.profiles.iter().map(|p| p.name.clone()).collect();
+        let profiles = status::profile_status(&self.store, &names).await?;
+        Ok(Response::new(pb::ClusterStatusResponse { stages, active_jobs, max_queued: self.max_queued, profiles }))
     }
 }
