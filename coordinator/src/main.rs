@@ -3,6 +3,7 @@
 
 mod auth;
 mod error;
+mod idempotency;
 mod metrics;
 mod server;
 mod state;
