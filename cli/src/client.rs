@@ -225,8 +225,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("active jobs: {} (max {})", status.active_jobs, status.max_queued);
         println!("{:<10} {:>8} {:>10} {:>8} {:>12}", "stage", "queued", "in-flight", "workers", "dead-letters");
         for stage in status.stages {
-            let name = pb::Stage::try_from(stage.stage).map(|s| s.as_str_name().trim_start_matches("STAGE_").to_lowercase()).unwrap_or_default();
+            let name = stage_name(stage.stage);
             println!("{name:<10} {:>8} {:>10} {:>8} {:>12}", stage.queued, stage.in_flight, stage.live_workers, stage.dead_letters);
+        }
+        for profile in status.profiles {
+            let stages: Vec<String> = profile
+                .stages
+                .iter()
+                .map(|s| {
+                    let name = stage_name(s.stage);
+                    if s.live_workers == 0 { format!("{name} none") } else { format!("{name} {}", s.live_workers) }
+                })
+                .collect();
+            let waiting = profile.stages.iter().any(|s| s.live_workers == 0);
+            let note = if waiting { "  (its jobs wait where no live worker serves it)" } else { "" };
+            println!("profile {}: workers {}{note}", profile.profile, stages.join(", "));
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -234,6 +247,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 
 fn state_name(state: i32) -> String {
     pb::JobState::try_from(state).map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_lowercase()).unwrap_or_else(|_| state.to_string())
+}
+
+fn stage_name(stage: i32) -> String {
+    pb::Stage::try_from(stage).map(|s| s.as_str_name().trim_start_matches("STAGE_").to_lowercase()).unwrap_or_default()
 }
 
 fn stage_label(at: &pb::StageRef) -> String {

@@ -9,6 +9,8 @@ pub enum ApiError {
     Invalid(#[from] ValidationError),
     #[error("queue full: {active} jobs admitted and unfinished (--max-queued {max})")]
     QueueFull { active: u64, max: u64 },
+    #[error("idempotency_key {key:?} belongs to job {job_id}, submitted with another spec (differs: {differs}); use a new key for a new job")]
+    IdempotencyConflict { key: String, job_id: String, differs: String },
     #[error("unknown job id {0:?}")]
     NotFound(String),
     #[error("job {job_id} is {state}; its result exists once it has completed")]
@@ -54,6 +56,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(_) | ApiError::ResultExpired(_) => Status::not_found(message),
             ApiError::NotCompleted { .. } => Status::failed_precondition(message),
             ApiError::TooLarge { .. } => Status::resource_exhausted(message),
+            ApiError::IdempotencyConflict { .. } => Status::already_exists(message),
             ApiError::Unavailable(_) => Status::unavailable(message),
             ApiError::OutcomeUnknown { job_id, .. } => {
                 tracing::warn!("submit answered DEADLINE_EXCEEDED: {message}");

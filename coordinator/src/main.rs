@@ -6,6 +6,7 @@
 mod auth;
 mod error;
 mod message_size;
+mod idempotency;
 mod metrics;
 mod redis_guard;
 mod result_stream;
@@ -48,7 +49,7 @@ struct Flags {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     max_queued: u64,
     /// Model profiles jobs may name (comma-separated): `tiny`, `sleep` or a profile TOML file
-    /// (its `name` and `[defaults]` are read). Workers must serve them.
+    /// (its `name`, `[defaults]` and `[capabilities]` are read). Workers must serve them.
     #[arg(long, env = "FMBOOST_PROFILES", default_value = "tiny", value_delimiter = ',')]
     profiles: Vec<String>,
     /// Largest uploaded latent or image, in bytes.

@@ -69,11 +69,26 @@ impl PipelineService {
                 self.metrics.submissions.with_label_values(&["duplicate"]).inc();
                 Ok(pb::SubmitResponse { job_id, created: false })
             }
+            Submitted::Conflict(job_id) => {
+                self.metrics.submissions.with_label_values(&["rejected_idempotency_conflict"]).inc();
+                Err(self.idempotency_conflict(&job, job_id).await)
+            }
             Submitted::Full { active } => {
                 self.metrics.submissions.with_label_values(&["rejected_full"]).inc();
                 Err(ApiError::QueueFull { active, max: self.max_queued })
             }
         }
+    }
+
+    /// ALREADY_EXISTS for a key reused with another spec, saying what differs when the first
+    /// job's record is still there.
+    async fn idempotency_conflict(&self, job: &spec::JobSpec, job_id: String) -> ApiError {
+        let differs = match self.guard.bounded(self.store.get(&job_id)).await {
+            Ok(Some(record)) => crate::idempotency::differences(&record.spec, job).join(", "),
+            _ => "unknown, the job's record has expired".into(),
+        };
+        let key = job.idempotency_key.clone().unwrap_or_default();
+        ApiError::IdempotencyConflict { key, job_id, differs }
     }
 
     async fn job_info(&self, job_id: &str) -> Result<pb::JobInfo, ApiError> {
@@ -130,10 +145,17 @@ impl Pipeline for PipelineService {
     }
 
     async fn cluster_status(&self, _request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let (stages, active_jobs) = self
+        let names: Vec<String> = self.limits.profiles.iter().map(|p| p.name.clone()).collect();
+        let (stages, active_jobs, profiles) = self
             .guard
-            .bounded(async { Ok((status::cluster_status(&self.store, &self.metrics).await?, self.store.active_jobs().await?)) })
+            .bounded(async {
+                Ok((
+                    status::cluster_status(&self.store, &self.metrics).await?,
+                    self.store.active_jobs().await?,
+                    status::profile_status(&self.store, &names).await?,
+                ))
+            })
             .await?;
-        Ok(Response::new(pb::ClusterStatusResponse { stages, active_jobs, max_queued: self.max_queued }))
+        Ok(Response::new(pb::ClusterStatusResponse { stages, active_jobs, max_queued: self.max_queued, profiles }))
     }
 }

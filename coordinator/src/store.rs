@@ -22,10 +22,16 @@ static SUBMIT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 -- KEYS: active, job, idem, queue, upload blob
--- ARGV: job_id, max_queued, now, spec, task, use_idem, idem_ttl, upload, blob_ttl, stage, hop
+-- ARGV: job_id, max_queued, now, spec, task, use_idem, idem_ttl, upload, blob_ttl, stage, hop,
+--       fingerprint (the idempotency key keeps 'job_id fingerprint')
 if ARGV[6] == '1' then
   local existing = redis.call('GET', KEYS[3])
-  if existing then return {'existing', existing} end
+  if existing then
+    local id, fingerprint = string.match(existing, '^(%S+) (%S+)$')
+    if not id then return {'existing', existing} end
+    if fingerprint == ARGV[12] then return {'existing', id} end
+    return {'conflict', id}
+  end
 end
 local active = redis.call('ZCARD', KEYS[1])
 if active >= tonumber(ARGV[2]) then return {'full', tostring(active)} end
@@ -38,7 +44,7 @@ local entry = redis.call('XADD', KEYS[4], '*', 'task', ARGV[5])
 redis.call('HSET', KEYS[2], 'spec', ARGV[4], 'state', 'queued', 'stage', ARGV[10], 'hop', ARGV[11],
   'task_stream', KEYS[4], 'task_entry', entry, 'input_blob', input, 'created_ms', ARGV[3], 'updated_ms', ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[7]) end
+if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[12], 'PX', ARGV[7]) end
 return {'created', ARGV[1]}
 ",
     )
@@ -191,6 +197,8 @@ pub struct JobRecord {
 pub enum Submitted {
     Created(String),
     Existing(String),
+    /// The idempotency key belongs to this job, whose spec differs.
+    Conflict(String),
     Full { active: u64 },
 }
 
@@ -245,6 +253,7 @@ impl JobStore {
         let input_blob = if job.upload.is_some() { upload_key.clone() } else { String::new() };
         let task = self.task(job.job_id, job.spec, first, input_blob, now);
         let idem = job.spec.idempotency_key.as_deref();
+        let fingerprint = crate::idempotency::fingerprint(job.spec, job.upload.as_ref());
         let mut invocation = SUBMIT.key(self.keys.active());
         invocation
             .key(self.keys.job(job.job_id))
@@ -261,7 +270,8 @@ impl JobStore {
             .arg(job.upload.map(|u| u.encode_to_vec()).unwrap_or_default())
             .arg(self.blob_ttl_ms)
             .arg(first.kind.name())
-            .arg(first.hop);
+            .arg(first.hop)
+            .arg(fingerprint);
         self.ping_before_writing().await?;
         let mut conn = self.conn.clone();
         let mut reply = tokio::spawn(async move { invocation.invoke_async::<(String, String)>(&mut conn).await });
@@ -294,6 +304,7 @@ impl JobStore {
         Ok(match outcome.as_str() {
             "created" => Submitted::Created(value),
             "existing" => Submitted::Existing(value),
+            "conflict" => Submitted::Conflict(value),
             _ => Submitted::Full { active: value.parse().unwrap_or(0) },
         })
     }

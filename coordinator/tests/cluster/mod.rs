@@ -235,6 +235,12 @@ impl Cluster {
 
     /// Starts a worker of `stage` with extra flags.
     pub fn start_worker_with(&mut self, stage: &str, extra: &[String]) -> usize {
+        let profile = if self.options.tiny { "tiny".into() } else { format!("sleep:{}", self.options.step_ms) };
+        self.start_worker_on(stage, &profile, extra)
+    }
+
+    /// Starts a worker of `stage` serving `profile` (a name or a profile file), with extra flags.
+    pub fn start_worker_on(&mut self, stage: &str, profile: &str, extra: &[String]) -> usize {
         let o = &self.options;
         let mut args: Vec<String> = vec![
             "--redis".into(),
@@ -242,7 +248,7 @@ impl Cluster {
             "--namespace".into(),
             self.namespace.clone(),
             "--profile".into(),
-            if o.tiny { "tiny".into() } else { format!("sleep:{}", o.step_ms) },
+            profile.to_string(),
             "--idle-timeout-ms".into(),
             o.idle_timeout_ms.to_string(),
             "--heartbeat-ms".into(),

@@ -223,7 +223,10 @@ async fn run(kind: StageKind, flags: WorkerFlags, factory: ExecutorFactory) -> a
     }
     heartbeat.abort();
     let mut conn = ctx.conn.clone();
-    let _: () = redis::cmd("ZREM").arg(ctx.keys.workers(kind)).arg(&id).query_async(&mut conn).await.context("deregistering")?;
+    let mut deregister = redis::pipe();
+    deregister.cmd("ZREM").arg(ctx.keys.workers(kind)).arg(&id).ignore();
+    deregister.cmd("ZREM").arg(ctx.keys.profile_workers(kind, ctx.executor.profile())).arg(&id).ignore();
+    let _: () = deregister.query_async(&mut conn).await.context("deregistering")?;
     tracing::info!(worker = %id, "drained, exiting");
     Ok(())
 }
@@ -264,8 +267,10 @@ async fn heartbeat_loop(ctx: Arc<WorkerContext>) {
         let now = now_unix_ms();
         let entries = ctx.in_flight.lock().expect("in-flight lock").clone();
         let mut pipe = redis::pipe();
-        pipe.cmd("ZADD").arg(ctx.keys.workers(ctx.kind)).arg(now + 5 * ctx.flags.heartbeat_ms).arg(&ctx.id).ignore();
-        pipe.cmd("ZREMRANGEBYSCORE").arg(ctx.keys.workers(ctx.kind)).arg("-inf").arg(now).ignore();
+        for set in [ctx.keys.workers(ctx.kind), ctx.keys.profile_workers(ctx.kind, ctx.executor.profile())] {
+            pipe.cmd("ZADD").arg(&set).arg(now + 5 * ctx.flags.heartbeat_ms).arg(&ctx.id).ignore();
+            pipe.cmd("ZREMRANGEBYSCORE").arg(&set).arg("-inf").arg(now).ignore();
+        }
         for (stream, entry) in &entries {
             pipe.cmd("XCLAIM").arg(stream).arg(crate::keys::WORKER_GROUP).arg(&ctx.id).arg(0).arg(entry).arg("JUSTID").ignore();
         }
