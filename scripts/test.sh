@@ -23,5 +23,9 @@ fi
 # check container args against the binaries' flags (writes target/k8s-validate/).
 ./scripts/validate-k8s.sh
 
+# The Python example client's venv (pinned grpcio, grpcio-tools, grpcio-reflection; no
+# torch): coordinator/tests/python_client.rs runs the client against a local cluster.
+./examples/python/run.sh --install-only
+
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -130,6 +130,22 @@ fn status_error(what: &str, status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {:?}: {}", status.code(), status.message())
 }
 
+/// A failed Submit, saying what the code means for the job (see the proto's retry contract).
+fn submit_error(status: tonic::Status) -> anyhow::Error {
+    let advice = match status.code() {
+        tonic::Code::Unavailable => " (no job was created: run the command again)".to_string(),
+        tonic::Code::DeadlineExceeded => match status.metadata().get("fmboost-job-id").and_then(|v| v.to_str().ok()) {
+            Some(job_id) => format!(
+                " (the job may exist as {job_id}: `fmboost status {job_id}` once the cluster answers; \
+                 resubmitting is safe only with the same --idempotency-key)"
+            ),
+            None => " (the job may or may not exist: resubmitting is safe only with the same --idempotency-key)".to_string(),
+        },
+        _ => String::new(),
+    };
+    anyhow::anyhow!("submit: {:?}: {}{advice}", status.code(), status.message())
+}
+
 impl SubmitArgs {
     fn spec(&self) -> anyhow::Result<pb::JobSpec> {
         let priority = match self.priority {
@@ -150,7 +166,7 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let spec = args.spec()?;
     runtime()?.block_on(async {
         let mut client = connect(&args.connection).await?;
-        let response = client.submit(pb::SubmitRequest { spec: Some(spec) }).await.map_err(|s| status_error("submit", s))?.into_inner();
+        let response = client.submit(pb::SubmitRequest { spec: Some(spec) }).await.map_err(submit_error)?.into_inner();
         if !args.wait {
             println!("{}", response.job_id);
             return Ok(ExitCode::SUCCESS);
@@ -209,8 +225,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("active jobs: {} (max {})", status.active_jobs, status.max_queued);
         println!("{:<10} {:>8} {:>10} {:>8} {:>12}", "stage", "queued", "in-flight", "workers", "dead-letters");
         for stage in status.stages {
-            let name = pb::Stage::try_from(stage.stage).map(|s| s.as_str_name().trim_start_matches("STAGE_").to_lowercase()).unwrap_or_default();
+            let name = stage_name(stage.stage);
             println!("{name:<10} {:>8} {:>10} {:>8} {:>12}", stage.queued, stage.in_flight, stage.live_workers, stage.dead_letters);
+        }
+        for profile in status.profiles {
+            let stages: Vec<String> = profile
+                .stages
+                .iter()
+                .map(|s| {
+                    let name = stage_name(s.stage);
+                    if s.live_workers == 0 { format!("{name} none") } else { format!("{name} {}", s.live_workers) }
+                })
+                .collect();
+            let waiting = profile.stages.iter().any(|s| s.live_workers == 0);
+            let note = if waiting { "  (its jobs wait where no live worker serves it)" } else { "" };
+            println!("profile {}: workers {}{note}", profile.profile, stages.join(", "));
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -218,6 +247,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 
 fn state_name(state: i32) -> String {
     pb::JobState::try_from(state).map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_lowercase()).unwrap_or_else(|_| state.to_string())
+}
+
+fn stage_name(stage: i32) -> String {
+    pb::Stage::try_from(stage).map(|s| s.as_str_name().trim_start_matches("STAGE_").to_lowercase()).unwrap_or_default()
 }
 
 fn stage_label(at: &pb::StageRef) -> String {
@@ -228,24 +261,32 @@ fn stage_label(at: &pb::StageRef) -> String {
     }
 }
 
-/// Seconds to keep trying to re-open Watch after the coordinator went away.
-const WATCH_RECONNECTS: u32 = 60;
+/// Seconds to keep trying to re-open Watch after the coordinator went away or Redis stalled.
+const WATCH_RECONNECTS: u32 = 120;
 
+/// A Watch that ends so leaves the job as it was: watch again (the proto's Watch contract).
 fn is_transient(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
 }
 
-/// Re-opens Watch once a second until a coordinator answers.
-async fn rewatch(client: &mut Client, job_id: &str) -> anyhow::Result<tonic::Streaming<pb::JobEvent>> {
-    for _ in 0..WATCH_RECONNECTS {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+/// Opens Watch, retrying once a second while the answer is transient; `first` skips the
+/// wait before the first try.
+async fn open_watch(client: &mut Client, job_id: &str, first: bool) -> anyhow::Result<tonic::Streaming<pb::JobEvent>> {
+    for attempt in 0..WATCH_RECONNECTS {
+        if attempt > 0 || !first {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         match client.watch(pb::WatchRequest { job_id: job_id.to_string() }).await {
             Ok(response) => return Ok(response.into_inner()),
-            Err(status) if is_transient(&status) => continue,
+            Err(status) if is_transient(&status) => {
+                if attempt == 0 {
+                    eprintln!("watch: {:?}: {}; retrying", status.code(), status.message());
+                }
+            }
             Err(status) => return Err(status_error("watch", status)),
         }
     }
-    bail!("no coordinator answered for {WATCH_RECONNECTS} s while watching job {job_id}")
+    bail!("no coordinator could watch job {job_id} for {WATCH_RECONNECTS} s")
 }
 
 /// Follows Watch to the terminal event with a progress bar. None when completed, else the
@@ -255,7 +296,7 @@ async fn follow(client: &mut Client, job_id: &str) -> anyhow::Result<Option<Exit
     let bar = ProgressBar::new(1);
     bar.set_style(ProgressStyle::with_template("{spinner} {msg:<28} [{bar:30}] {pos}/{len} {elapsed}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(200));
-    let mut events = client.watch(pb::WatchRequest { job_id: job_id.to_string() }).await.map_err(|s| status_error("watch", s))?.into_inner();
+    let mut events = open_watch(client, job_id, true).await?;
     loop {
         let event = match events.message().await {
             Ok(Some(event)) => event,
@@ -263,12 +304,12 @@ async fn follow(client: &mut Client, job_id: &str) -> anyhow::Result<Option<Exit
             // job lives in Redis, so watch it again through whichever replica answers.
             Ok(None) => {
                 bar.suspend(|| eprintln!("watch ended by the coordinator; reconnecting"));
-                events = rewatch(client, job_id).await?;
+                events = open_watch(client, job_id, false).await?;
                 continue;
             }
             Err(status) if is_transient(&status) => {
                 bar.suspend(|| eprintln!("watch interrupted ({}); reconnecting", status.message()));
-                events = rewatch(client, job_id).await?;
+                events = open_watch(client, job_id, false).await?;
                 continue;
             }
             Err(status) => return Err(status_error("watch", status)),

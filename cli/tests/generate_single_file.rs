@@ -22,7 +22,10 @@ fn generate(profile: &Path, out_dir: &Path, tag: &str) -> Output {
 }
 
 fn write_profile(path: &Path, base: &str, autoencoder: &str) {
-    std::fs::write(path, format!("name = \"sd15-tiny\"\n[base]\nkind = \"stable-diffusion\"\n{base}\n[autoencoder]\n{autoencoder}\n")).unwrap();
+    // No hops: `[defaults] hops = 0`, and the capabilities of an SD base without them.
+    let tables = "[defaults]\nhops = 0\n[capabilities]\ntext_conditioning = true\nschedulers = [\"ddim\", \"euler_a\", \"lcm\"]\n\
+                  hops = 0\nlatent_channels = 4\nlatent_multiple = 1\n";
+    std::fs::write(path, format!("name = \"sd15-tiny\"\n[base]\nkind = \"stable-diffusion\"\n{base}\n[autoencoder]\n{autoencoder}\n{tables}")).unwrap();
 }
 
 #[test]

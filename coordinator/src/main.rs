@@ -1,9 +1,15 @@
-//! `fmboost-coordinator`: the gRPC front door (Pipeline, grpc.health.v1 and reflection on one
-//! port), the job state machine driven by worker events, and Prometheus metrics.
+//! `fmboost-coordinator`: the gRPC front door (Pipeline, grpc.health.v1 and reflection v1 and
+//! v1alpha on one port), the job state machine driven by worker events, and Prometheus
+//! metrics. Health: `""` and `fmboost.v1.Pipeline` are readiness (SERVING while Redis
+//! answers), `liveness` stays SERVING while the process runs (fmboost_core::health).
 
 mod auth;
 mod error;
+mod message_size;
+mod idempotency;
 mod metrics;
+mod redis_guard;
+mod result_stream;
 mod server;
 mod state;
 mod status;
@@ -18,12 +24,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use fmboost_core::health::Health;
 use fmboost_core::keys::{Keys, COORDINATOR_GROUP, WORKER_GROUP};
 use fmboost_core::redis_conn;
 use fmboost_core::profile::ProfileInfo;
 use fmboost_core::spec::Limits;
 use fmboost_core::stage::StageKind;
 use fmboost_proto::v1::pipeline_server::PipelineServer;
+use tonic::server::NamedService;
 
 #[derive(Debug, Parser)]
 #[command(name = "fmboost-coordinator", version, about = "fmboost job coordinator: gRPC API and job state machine")]
@@ -41,7 +49,7 @@ struct Flags {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     max_queued: u64,
     /// Model profiles jobs may name (comma-separated): `tiny`, `sleep` or a profile TOML file
-    /// (its `name` and `[defaults]` are read). Workers must serve them.
+    /// (its `name`, `[defaults]` and `[capabilities]` are read). Workers must serve them.
     #[arg(long, env = "FMBOOST_PROFILES", default_value = "tiny", value_delimiter = ',')]
     profiles: Vec<String>,
     /// Largest uploaded latent or image, in bytes.
@@ -65,6 +73,10 @@ struct Flags {
     /// Consumer name in the events group; default `{hostname}-{pid}`.
     #[arg(long)]
     replica_id: Option<String>,
+    /// Longest an RPC waits for Redis before answering (UNAVAILABLE, or DEADLINE_EXCEEDED for
+    /// a Submit whose write went out unanswered); also the health probe's PING timeout.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    redis_timeout_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,7 +104,11 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if let Some(addr) = flags.metrics_listen {
         fmboost_core::metrics::serve(addr, metrics.registry.clone()).await?;
     }
-    let store = store::JobStore { keys: keys.clone(), conn, result_ttl_ms: flags.result_ttl_ms, blob_ttl_ms: flags.blob_ttl_ms };
+    let redis_timeout = Duration::from_millis(flags.redis_timeout_ms);
+    let store = store::JobStore { keys: keys.clone(), conn, result_ttl_ms: flags.result_ttl_ms, blob_ttl_ms: flags.blob_ttl_ms, timeout: redis_timeout };
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::new(reporter, &[PipelineServer::<server::PipelineService>::NAME]).await;
+    health.watch_redis(client.clone(), redis_timeout).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
@@ -118,28 +134,39 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         limits,
         max_queued: flags.max_queued,
         metrics,
+        guard: redis_guard::RedisGuard { health: health.clone(), timeout: redis_timeout },
     };
     // Room for the largest upload plus the rest of the spec; results go out in chunks.
     let pipeline = PipelineServer::new(service)
-        .max_decoding_message_size(flags.max_upload_bytes + (1 << 20))
-        .max_encoding_message_size(server::MAX_CHUNK + (1 << 16));
+        .max_decoding_message_size(flags.max_upload_bytes + message_size::SPEC_HEADROOM)
+        .max_encoding_message_size(result_stream::MAX_CHUNK + (1 << 16));
     let pipeline = tonic::service::interceptor::InterceptedService::new(pipeline, move |request| auth.check(request));
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<PipelineServer<server::PipelineService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(fmboost_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    // Both reflection versions, each listing both: v1alpha is what grpcio-reflection's client
+    // and older grpcurl/Postman builds ask for.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(fmboost_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("building the reflection service")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("building the v1alpha reflection service")?;
 
     let listener = tokio::net::TcpListener::bind(flags.listen).await.with_context(|| format!("--listen {}: cannot bind", flags.listen))?;
     tracing::info!(listen = %flags.listen, namespace = %flags.namespace, profiles = ?flags.profiles, "coordinator ready");
+    health.started().await;
+    let serving_health = health.clone();
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(message_size::remap_oversized))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(pipeline)
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
             shutdown_signal().await;
+            serving_health.draining().await;
             hub.stop();
         })
         .await

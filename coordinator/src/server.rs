@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use fmboost_core::now_unix_ms;
 use fmboost_core::spec::{self, Limits, Upload};
-use fmboost_core::tensor::WireTensor;
 use fmboost_proto::internal as ipb;
 use fmboost_proto::v1 as pb;
 use fmboost_proto::v1::pipeline_server::Pipeline;
@@ -14,15 +13,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{check_job_id, ApiError};
+use crate::message_size::check_upload_size;
 use crate::metrics::CoordinatorMetrics;
+use crate::redis_guard::RedisGuard;
+use crate::result_stream::{self, ChunkStream};
 use crate::state::publish;
 use crate::status;
-use crate::store::{JobState, JobStore, NewJob, Submitted, Transition};
+use crate::store::{JobStore, NewJob, Submitted, Transition};
 use crate::watch::{self, WatchHub};
-
-/// Default and largest GetResult chunk.
-const DEFAULT_CHUNK: usize = 1 << 20;
-pub const MAX_CHUNK: usize = 4 << 20;
 
 pub struct PipelineService {
     pub store: JobStore,
@@ -30,6 +28,7 @@ pub struct PipelineService {
     pub limits: Arc<Limits>,
     pub max_queued: u64,
     pub metrics: CoordinatorMetrics,
+    pub guard: RedisGuard,
 }
 
 type ResultStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -37,6 +36,7 @@ type ResultStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'st
 impl PipelineService {
     async fn submit_job(&self, spec: Option<pb::JobSpec>) -> Result<pb::SubmitResponse, ApiError> {
         let spec = spec.ok_or_else(|| spec::ValidationError { field: "spec".into(), message: "required".into() })?;
+        check_upload_size(&spec, &self.limits)?;
         let now = now_unix_ms();
         let (job, upload) = match spec::validate(spec, &self.limits, now) {
             Ok(valid) => valid,
@@ -54,7 +54,12 @@ impl PipelineService {
         });
         let job_id = uuid::Uuid::new_v4().to_string();
         let new_job = NewJob { job_id: &job_id, spec: &job, upload, max_queued: self.max_queued };
-        match self.store.submit(new_job, now).await? {
+        self.guard.check()?;
+        let submitted = self.store.submit(new_job, now).await;
+        if matches!(submitted, Err(ApiError::OutcomeUnknown { .. })) {
+            self.metrics.submissions.with_label_values(&["outcome_unknown"]).inc();
+        }
+        match submitted? {
             Submitted::Created(job_id) => {
                 self.metrics.submissions.with_label_values(&["admitted"]).inc();
                 tracing::info!(job = %job_id, first = %job.first_stage(), "admitted");
@@ -64,11 +69,26 @@ impl PipelineService {
                 self.metrics.submissions.with_label_values(&["duplicate"]).inc();
                 Ok(pb::SubmitResponse { job_id, created: false })
             }
+            Submitted::Conflict(job_id) => {
+                self.metrics.submissions.with_label_values(&["rejected_idempotency_conflict"]).inc();
+                Err(self.idempotency_conflict(&job, job_id).await)
+            }
             Submitted::Full { active } => {
                 self.metrics.submissions.with_label_values(&["rejected_full"]).inc();
                 Err(ApiError::QueueFull { active, max: self.max_queued })
             }
         }
+    }
+
+    /// ALREADY_EXISTS for a key reused with another spec, saying what differs when the first
+    /// job's record is still there.
+    async fn idempotency_conflict(&self, job: &spec::JobSpec, job_id: String) -> ApiError {
+        let differs = match self.guard.bounded(self.store.get(&job_id)).await {
+            Ok(Some(record)) => crate::idempotency::differences(&record.spec, job).join(", "),
+            _ => "unknown, the job's record has expired".into(),
+        };
+        let key = job.idempotency_key.clone().unwrap_or_default();
+        ApiError::IdempotencyConflict { key, job_id, differs }
     }
 
     async fn job_info(&self, job_id: &str) -> Result<pb::JobInfo, ApiError> {
@@ -84,57 +104,6 @@ impl PipelineService {
             error: record.error,
         })
     }
-
-    async fn result_chunks(&self, request: pb::GetResultRequest) -> Result<Vec<pb::ResultChunk>, ApiError> {
-        check_job_id(&request.job_id)?;
-        let record = self.store.get(&request.job_id).await?.ok_or_else(|| ApiError::NotFound(request.job_id.clone()))?;
-        if record.state != JobState::Completed {
-            return Err(ApiError::NotCompleted { job_id: request.job_id, state: record.state.name().into() });
-        }
-        let chunk = match request.chunk_bytes as usize {
-            0 => DEFAULT_CHUNK,
-            n => n.min(MAX_CHUNK),
-        };
-        let png = match self.store.read_blob(&record.png_blob).await? {
-            Some(ipb::blob_payload::Payload::Image(png)) => png,
-            Some(_) => return Err(ApiError::Internal(anyhow::anyhow!("result blob {} is not an image", record.png_blob))),
-            None => return Err(ApiError::ResultExpired(request.job_id)),
-        };
-        let mut chunks: Vec<pb::ResultChunk> = png
-            .chunks(chunk)
-            .enumerate()
-            .map(|(i, data)| pb::ResultChunk {
-                part: Some(pb::result_chunk::Part::Png(pb::PngChunk {
-                    offset: (i * chunk) as u64,
-                    total_bytes: png.len() as u64,
-                    data: data.to_vec(),
-                })),
-            })
-            .collect();
-        if request.include_latent {
-            let tensor = match self.store.read_blob(&record.latent_blob).await? {
-                Some(ipb::blob_payload::Payload::Latent(tensor)) => {
-                    WireTensor::from_proto(tensor).map_err(|e| ApiError::Internal(anyhow::anyhow!("final latent blob: {e}")))?
-                }
-                Some(_) => return Err(ApiError::Internal(anyhow::anyhow!("latent blob {} is not a tensor", record.latent_blob))),
-                None => return Err(ApiError::ResultExpired(request.job_id)),
-            };
-            let header = tensor.to_proto();
-            for (i, data) in tensor.data.chunks(chunk).enumerate() {
-                chunks.push(pb::ResultChunk {
-                    part: Some(pb::result_chunk::Part::Latent(pb::LatentChunk {
-                        dtype: header.dtype,
-                        shape: header.shape.clone(),
-                        crc32c: header.crc32c,
-                        offset: (i * chunk) as u64,
-                        total_bytes: tensor.data.len() as u64,
-                        data: data.to_vec(),
-                    })),
-                });
-            }
-        }
-        Ok(chunks)
-    }
 }
 
 #[tonic::async_trait]
@@ -148,21 +117,21 @@ impl Pipeline for PipelineService {
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let job_id = request.into_inner().job_id;
         check_job_id(&job_id)?;
-        let events = watch::watch(self.store.clone(), &self.hub, job_id).await?;
+        let events = watch::watch(self.store.clone(), &self.hub, &self.guard, job_id).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 
-    type GetResultStream = ResultStream<pb::ResultChunk>;
+    type GetResultStream = ChunkStream;
 
     async fn get_result(&self, request: Request<pb::GetResultRequest>) -> Result<Response<Self::GetResultStream>, Status> {
-        let chunks = self.result_chunks(request.into_inner()).await?;
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))))
+        Ok(Response::new(result_stream::result_stream(&self.store, &self.guard, request.into_inner()).await?))
     }
 
     async fn cancel(&self, request: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let job_id = request.into_inner().job_id;
         check_job_id(&job_id)?;
-        let (state, transition) = self.store.cancel(&job_id, now_unix_ms()).await?;
+        // Cancelling twice changes nothing, so a timeout here may answer UNAVAILABLE.
+        let (state, transition) = self.guard.bounded(self.store.cancel(&job_id, now_unix_ms())).await?;
         if transition == Transition::Applied {
             tracing::info!(job = %job_id, "cancelled");
             self.metrics.jobs.with_label_values(&["cancelled"]).inc();
@@ -172,12 +141,21 @@ impl Pipeline for PipelineService {
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
-        Ok(Response::new(self.job_info(&request.into_inner().job_id).await?))
+        Ok(Response::new(self.guard.bounded(self.job_info(&request.into_inner().job_id)).await?))
     }
 
     async fn cluster_status(&self, _request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let stages = status::cluster_status(&self.store, &self.metrics).await?;
-        let active_jobs = self.store.active_jobs().await?;
-        Ok(Response::new(pb::ClusterStatusResponse { stages, active_jobs, max_queued: self.max_queued }))
+        let names: Vec<String> = self.limits.profiles.iter().map(|p| p.name.clone()).collect();
+        let (stages, active_jobs, profiles) = self
+            .guard
+            .bounded(async {
+                Ok((
+                    status::cluster_status(&self.store, &self.metrics).await?,
+                    self.store.active_jobs().await?,
+                    status::profile_status(&self.store, &names).await?,
+                ))
+            })
+            .await?;
+        Ok(Response::new(pb::ClusterStatusResponse { stages, active_jobs, max_queued: self.max_queued, profiles }))
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fmboost_core::keys::COORDINATOR_GROUP;
 use fmboost_core::now_unix_ms;
+use fmboost_core::reason::client_reason;
 use fmboost_core::stage::{StageKind, StageRef};
 use fmboost_proto::{internal as ipb, v1 as pb};
 use prost::Message;
@@ -171,10 +172,12 @@ impl StateMachine {
                 }
             }
             Some(Kind::Failed(failed)) => {
-                if self.store.fail(&event.job_id, at, &failed.reason, now).await? == Transition::Applied {
-                    tracing::warn!(job = %event.job_id, "job failed: {}", failed.reason);
+                // Workers send one line already; older ones may not.
+                let reason = client_reason(&failed.reason);
+                if self.store.fail(&event.job_id, at, &reason, now).await? == Transition::Applied {
+                    tracing::warn!(job = %event.job_id, "job failed: {reason}");
                     self.metrics.jobs.with_label_values(&["failed"]).inc();
-                    self.publish(&event.job_id, pb::job_event::Event::Failed(pb::Failed { reason: failed.reason })).await;
+                    self.publish(&event.job_id, pb::job_event::Event::Failed(pb::Failed { reason })).await;
                 }
             }
             // The Cancel call already moved the job to cancelled; the worker only confirms.

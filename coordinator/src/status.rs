@@ -76,6 +76,23 @@ pub async fn cluster_status(store: &JobStore, metrics: &CoordinatorMetrics) -> R
     Ok(stages)
 }
 
+/// Live workers per stage of each profile the coordinator serves. A stage no live worker
+/// serves is reported, not refused: its pool may be scaled from zero on the backlog.
+pub async fn profile_status(store: &JobStore, profiles: &[String]) -> Result<Vec<pb::ProfileStatus>, ApiError> {
+    let mut conn = store.conn.clone();
+    let now = now_unix_ms();
+    let mut statuses = Vec::with_capacity(profiles.len());
+    for profile in profiles {
+        let mut stages = Vec::with_capacity(StageKind::ALL.len());
+        for kind in StageKind::ALL {
+            let live: u32 = redis::cmd("ZCOUNT").arg(store.keys.profile_workers(kind, profile)).arg(now).arg("+inf").query_async(&mut conn).await?;
+            stages.push(pb::ProfileStageStatus { stage: kind.to_proto() as i32, live_workers: live });
+        }
+        statuses.push(pb::ProfileStatus { profile: profile.clone(), stages });
+    }
+    Ok(statuses)
+}
+
 /// The count in an XPENDING summary reply `[count, min, max, consumers]`.
 fn pending_count(summary: &redis::Value) -> u64 {
     match summary {

@@ -7,6 +7,7 @@
 //! (the PNG's length), `error`, `created_ms`, `updated_ms`. Terminal records expire after `--result-ttl-ms`.
 
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use fmboost_core::keys::Keys;
 use fmboost_core::spec::JobSpec;
@@ -21,10 +22,16 @@ static SUBMIT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 -- KEYS: active, job, idem, queue, upload blob
--- ARGV: job_id, max_queued, now, spec, task, use_idem, idem_ttl, upload, blob_ttl, stage, hop
+-- ARGV: job_id, max_queued, now, spec, task, use_idem, idem_ttl, upload, blob_ttl, stage, hop,
+--       fingerprint (the idempotency key keeps 'job_id fingerprint')
 if ARGV[6] == '1' then
   local existing = redis.call('GET', KEYS[3])
-  if existing then return {'existing', existing} end
+  if existing then
+    local id, fingerprint = string.match(existing, '^(%S+) (%S+)$')
+    if not id then return {'existing', existing} end
+    if fingerprint == ARGV[12] then return {'existing', id} end
+    return {'conflict', id}
+  end
 end
 local active = redis.call('ZCARD', KEYS[1])
 if active >= tonumber(ARGV[2]) then return {'full', tostring(active)} end
@@ -37,7 +44,7 @@ local entry = redis.call('XADD', KEYS[4], '*', 'task', ARGV[5])
 redis.call('HSET', KEYS[2], 'spec', ARGV[4], 'state', 'queued', 'stage', ARGV[10], 'hop', ARGV[11],
   'task_stream', KEYS[4], 'task_entry', entry, 'input_blob', input, 'created_ms', ARGV[3], 'updated_ms', ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[7]) end
+if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[12], 'PX', ARGV[7]) end
 return {'created', ARGV[1]}
 ",
     )
@@ -190,6 +197,8 @@ pub struct JobRecord {
 pub enum Submitted {
     Created(String),
     Existing(String),
+    /// The idempotency key belongs to this job, whose spec differs.
+    Conflict(String),
     Full { active: u64 },
 }
 
@@ -207,6 +216,8 @@ pub struct JobStore {
     pub conn: ConnectionManager,
     pub result_ttl_ms: u64,
     pub blob_ttl_ms: u64,
+    /// How long a Submit waits for Redis (`--redis-timeout-ms`).
+    pub timeout: Duration,
 }
 
 pub struct NewJob<'a> {
@@ -231,12 +242,18 @@ impl JobStore {
 
     /// Writes the record and queues the first task, atomically, unless the queue is full or
     /// the idempotency key is known.
+    ///
+    /// Fails fast or finishes, never both: UNAVAILABLE only before anything was sent (a PING
+    /// first, so a stalled Redis is found before the write); once the script is sent, its
+    /// answer within the timeout is the answer, and no answer is [`ApiError::OutcomeUnknown`]
+    /// (the script may still run when Redis resumes; a late outcome is logged).
     pub async fn submit(&self, job: NewJob<'_>, now: u64) -> Result<Submitted, ApiError> {
         let first = job.spec.first_stage();
         let upload_key = self.keys.upload_blob(job.job_id);
         let input_blob = if job.upload.is_some() { upload_key.clone() } else { String::new() };
         let task = self.task(job.job_id, job.spec, first, input_blob, now);
         let idem = job.spec.idempotency_key.as_deref();
+        let fingerprint = crate::idempotency::fingerprint(job.spec, job.upload.as_ref());
         let mut invocation = SUBMIT.key(self.keys.active());
         invocation
             .key(self.keys.job(job.job_id))
@@ -253,14 +270,57 @@ impl JobStore {
             .arg(job.upload.map(|u| u.encode_to_vec()).unwrap_or_default())
             .arg(self.blob_ttl_ms)
             .arg(first.kind.name())
-            .arg(first.hop);
+            .arg(first.hop)
+            .arg(fingerprint);
+        self.ping_before_writing().await?;
         let mut conn = self.conn.clone();
-        let (outcome, value): (String, String) = invocation.invoke_async(&mut conn).await?;
+        let mut reply = tokio::spawn(async move { invocation.invoke_async::<(String, String)>(&mut conn).await });
+        let job_id = job.job_id.to_string();
+        let unknown = |reason: String| ApiError::OutcomeUnknown { job_id: job_id.clone(), reason };
+        let reply = tokio::select! {
+            reply = &mut reply => reply,
+            _ = tokio::time::sleep(self.timeout) => {
+                let late_job = job_id.clone();
+                tokio::spawn(async move {
+                    match reply.await {
+                        Ok(Ok((outcome, _))) => tracing::warn!(job = %late_job, "the Submit told `outcome unknown` finished late: {outcome}"),
+                        Ok(Err(err)) => tracing::warn!(job = %late_job, "the Submit told `outcome unknown` got no answer: {err}"),
+                        Err(err) => tracing::error!(job = %late_job, "the Submit task: {err}"),
+                    }
+                });
+                return Err(unknown(format!("Redis did not answer the write within {} ms (--redis-timeout-ms)", self.timeout.as_millis())));
+            }
+        };
+        let (outcome, value) = match reply {
+            Ok(Ok(reply)) => reply,
+            // Refused connections sent nothing.
+            Ok(Err(err)) if err.is_connection_refusal() => return Err(err.into()),
+            Ok(Err(err)) if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() => {
+                return Err(unknown(format!("the connection to Redis failed during the write: {err}")));
+            }
+            Ok(Err(err)) => return Err(ApiError::Internal(anyhow::anyhow!("the submit script: {err}"))),
+            Err(err) => return Err(ApiError::Internal(anyhow::anyhow!("the submit task: {err}"))),
+        };
         Ok(match outcome.as_str() {
             "created" => Submitted::Created(value),
             "existing" => Submitted::Existing(value),
+            "conflict" => Submitted::Conflict(value),
             _ => Submitted::Full { active: value.parse().unwrap_or(0) },
         })
+    }
+
+    /// UNAVAILABLE unless Redis answers a PING within the timeout; sent on the connection the
+    /// write will use, so its answer also means no earlier command there is stuck.
+    async fn ping_before_writing(&self) -> Result<(), ApiError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, redis::cmd("PING").query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(ApiError::Unavailable(anyhow::anyhow!("PING before the write: {err}; nothing was written"))),
+            Err(_) => Err(ApiError::Unavailable(anyhow::anyhow!(
+                "no answer to PING within {} ms (--redis-timeout-ms); nothing was written",
+                self.timeout.as_millis()
+            ))),
+        }
     }
 
     /// The prost-encoded task for `at`.

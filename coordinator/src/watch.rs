@@ -1,6 +1,10 @@
 //! Watch: one pattern subscription per coordinator to `{ns}:watch:*` fans job events out to
 //! the Watch streams of this replica; each stream also polls the job record, so queue
 //! positions stay fresh and a missed message never loses a terminal state.
+//!
+//! A stream ends after the terminal event, or with UNAVAILABLE when this replica stops or a
+//! poll of Redis fails: the job is not harmed, and a new Watch (any replica) starts with a
+//! snapshot of its state.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +18,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 use crate::error::ApiError;
+use crate::redis_guard::RedisGuard;
 use crate::status::queue_position;
 use crate::store::{JobRecord, JobState, JobStore};
 
@@ -129,11 +134,20 @@ fn job_event(job_id: &str, event: pb::job_event::Event) -> pb::JobEvent {
 
 /// Starts a Watch of `job_id`: NOT_FOUND for an unknown job, else a stream that ends after
 /// the terminal event.
-pub async fn watch(store: JobStore, hub: &WatchHub, job_id: String) -> Result<mpsc::Receiver<Result<pb::JobEvent, Status>>, ApiError> {
+pub async fn watch(
+    store: JobStore,
+    hub: &WatchHub,
+    guard: &RedisGuard,
+    job_id: String,
+) -> Result<mpsc::Receiver<Result<pb::JobEvent, Status>>, ApiError> {
     // Subscribe before reading the record, so no event between the two is missed.
     let mut subscription = hub.subscribe(&job_id);
-    let record = store.get(&job_id).await?.ok_or_else(|| ApiError::NotFound(job_id.clone()))?;
-    let first = job_event(&job_id, snapshot(&store, &record).await?);
+    let current = async {
+        let record = store.get(&job_id).await?.ok_or_else(|| ApiError::NotFound(job_id.clone()))?;
+        snapshot(&store, &record).await
+    };
+    let first = job_event(&job_id, guard.bounded(current).await?);
+    let guard = guard.clone();
     let (tx, rx) = mpsc::channel(64);
     let mut stopping = hub.stopping.subscribe();
     tokio::spawn(async move {
@@ -152,17 +166,23 @@ pub async fn watch(store: JobStore, hub: &WatchHub, job_id: String) -> Result<mp
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = poll.tick() => {
-                    let current = match store.get(&job_id).await {
-                        Ok(Some(record)) => snapshot(&store, &record).await,
-                        Ok(None) => Err(ApiError::NotFound(job_id.clone())),
-                        Err(err) => Err(err),
-                    };
+                    let current = guard.bounded(async {
+                        match store.get(&job_id).await? {
+                            Some(record) => snapshot(&store, &record).await,
+                            None => Err(ApiError::NotFound(job_id.clone())),
+                        }
+                    }).await;
                     match current {
                         // Only news: a new position, or a terminal state whose message was missed.
                         Ok(current) if Some(&current) != last.as_ref() && !matches!(current, pb::job_event::Event::StageStarted(_)) => {
                             job_event(&job_id, current)
                         }
                         Ok(_) => continue,
+                        Err(ApiError::Unavailable(err)) => {
+                            let message = format!("Redis unavailable: {err:#}; the job is unaffected: Watch again");
+                            let _ = tx.send(Err(Status::unavailable(message))).await;
+                            return;
+                        }
                         Err(err) => {
                             let _ = tx.send(Err(err.into())).await;
                             return;
@@ -171,7 +191,10 @@ pub async fn watch(store: JobStore, hub: &WatchHub, job_id: String) -> Result<mp
                 },
                 _ = tx.closed() => return,
                 // Only ever raised (false → true): any change means stop.
-                _ = stopping.changed() => return,
+                _ = stopping.changed() => {
+                    let _ = tx.send(Err(Status::unavailable("the coordinator is stopping; the job is unaffected: Watch again"))).await;
+                    return;
+                }
             };
             last = event.event.clone();
             let done = is_terminal(&event);

@@ -13,7 +13,8 @@
 //! | `{ns}:cancels` | pub/sub channel | job ids as they are cancelled (workers stop at once) |
 //! | `{ns}:watch:{id}` | pub/sub channel | `JobEvent`s for Watch |
 //! | `{ns}:dlq:{stage}` | stream | dead-lettered tasks with the reason |
-//! | `{ns}:workers:{stage}` | sorted set | worker id scored by last heartbeat (Unix ms) |
+//! | `{ns}:workers:{stage}` | sorted set | worker id scored by heartbeat expiry (Unix ms) |
+//! | `{ns}:workers:{stage}:{profile}` | sorted set | the same, for the workers serving `profile` |
 
 use crate::spec::Priority;
 use crate::stage::{StageKind, StageRef};
@@ -87,6 +88,11 @@ impl Keys {
     pub fn workers(&self, stage: StageKind) -> String {
         format!("{}:workers:{}", self.ns, stage.name())
     }
+
+    /// Live workers of `stage` that serve `profile` (ClusterStatus shows a profile none serves).
+    pub fn profile_workers(&self, stage: StageKind, profile: &str) -> String {
+        format!("{}:workers:{}:{profile}", self.ns, stage.name())
+    }
 }
 
 #[cfg(test)]
@@ -100,5 +106,6 @@ mod tests {
         assert_eq!(keys.queues(StageKind::Decoder), ["t1:q:decoder:high", "t1:q:decoder:normal", "t1:q:decoder:low"]);
         assert_eq!(keys.output_blob("j", StageRef { kind: StageKind::Cfm, hop: 2 }, 3), "t1:blob:j:cfm:2:3");
         assert_eq!(keys.workers(StageKind::Diffusion), "t1:workers:diffusion");
+        assert_eq!(keys.profile_workers(StageKind::Cfm, "tiny"), "t1:workers:cfm:tiny");
     }
 }

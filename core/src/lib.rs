@@ -1,12 +1,16 @@
 //! The serving plane's shared pieces, knowing nothing of candle: wire tensors, job specs and
-//! their validation, the Redis key layout and connections, the stage-executor contract, the
-//! generic worker runtime, the `sleep` load-test executor, metrics/health endpoints, and loopback
-//! ports for the servers that tests and the load harness start.
+//! their validation (bounds, and each profile's capabilities), the Redis key layout and
+//! connections, the stage-executor contract, the generic worker runtime, the `sleep`
+//! load-test executor, metrics/health endpoints, and loopback ports for the servers that
+//! tests and the load harness start.
 
+pub mod health;
+pub mod capabilities;
 pub mod keys;
 pub mod metrics;
 pub mod net;
 pub mod profile;
+pub mod reason;
 pub mod redis_conn;
 pub mod sleep;
 pub mod spec;

@@ -16,18 +16,19 @@ use crate::stage::{StageError, StageExecutor, StageInput, StageKind, StageOutput
 use crate::tensor::WireTensor;
 
 pub const PROFILE: &str = "sleep";
-/// Channels of the latents the sleep profile makes (as SD's VAE).
-const LATENT_CHANNELS: usize = 4;
 
 #[derive(Debug)]
 pub struct SleepExecutor {
     kind: StageKind,
     step: Duration,
+    /// Channels of the latents it makes: its profile file's `[capabilities]`, as admission reads.
+    latent_channels: usize,
 }
 
 impl SleepExecutor {
     pub fn new(kind: StageKind, step: Duration) -> Self {
-        SleepExecutor { kind, step }
+        let profile = crate::profile::ProfileInfo::resolve(PROFILE).expect("the embedded sleep profile is valid (tested)");
+        SleepExecutor { kind, step, latent_channels: profile.capabilities.latent_channels as usize }
     }
 
     /// Parses `sleep` or `sleep:STEP_MS`; None for other profiles.
@@ -60,11 +61,11 @@ impl SleepExecutor {
                 let salt = hash_bytes(&[prompt.as_bytes(), b"\0", negative_prompt.as_bytes(), b"\0", base.scheduler.as_bytes()])
                     ^ mix(base.steps as u64 ^ ((base.guidance.to_bits() as u64) << 32));
                 let (h, w) = spec.base_latent_size();
-                Ok(StageOutput::Latent(noise_latent(spec.seed, 0, salt, h, w)))
+                Ok(StageOutput::Latent(noise_latent(self.latent_channels, spec.seed, 0, salt, h, w)))
             }
             (StageKind::Diffusion, StageInput::Image(data)) => {
                 let (h, w) = spec.base_latent_size();
-                Ok(StageOutput::Latent(noise_latent(spec.seed, 0, hash_bytes(&[data]), h, w)))
+                Ok(StageOutput::Latent(noise_latent(self.latent_channels, spec.seed, 0, hash_bytes(&[data]), h, w)))
             }
             (StageKind::Cfm, StageInput::Latent(input)) => {
                 let (h, w) = spec.latent_size_after(task.hop - 1);
@@ -163,9 +164,9 @@ fn check_latent(input: &WireTensor) -> Result<[usize; 4], StageError> {
     }
 }
 
-fn noise_latent(seed: u64, stage_salt: u64, salt: u64, h: usize, w: usize) -> WireTensor {
-    let values: Vec<f32> = (0..LATENT_CHANNELS * h * w).map(|i| unit_noise(seed, stage_salt, salt, i as u64)).collect();
-    WireTensor::from_f32(vec![1, LATENT_CHANNELS, h, w], &values)
+fn noise_latent(channels: usize, seed: u64, stage_salt: u64, salt: u64, h: usize, w: usize) -> WireTensor {
+    let values: Vec<f32> = (0..channels * h * w).map(|i| unit_noise(seed, stage_salt, salt, i as u64)).collect();
+    WireTensor::from_f32(vec![1, channels, h, w], &values)
 }
 
 /// An RGB image 8× the latent's size; channel k of the latent (the last one when there are

@@ -140,9 +140,11 @@ pub struct JobSpec {
     pub idempotency_key: Option<String>,
 }
 
-/// Checks a submitted spec against `limits` at time `now_unix_ms`.
+/// Checks a submitted spec against `limits` and its profile's capabilities at time `now_unix_ms`.
 pub fn validate(spec: pb::JobSpec, limits: &Limits, now_unix_ms: u64) -> Result<(JobSpec, Option<Upload>), ValidationError> {
     let (job, upload) = parse(spec, Some(limits))?;
+    let profile = limits.profiles.iter().find(|p| p.name == job.profile).expect("parse checked the profile is served");
+    profile.capabilities.admit(&profile.name, &job)?;
     if let Some(deadline) = job.deadline_unix_ms {
         if deadline <= now_unix_ms {
             return Err(invalid("deadline_unix_ms", format!("{deadline} is in the past (now {now_unix_ms})")));
@@ -408,6 +410,9 @@ fn parse_base(base: pb::BaseSettings, limits: Option<&Limits>, defaults: Option<
     if !SCHEDULERS.contains(&scheduler.as_str()) {
         return Err(invalid("base.scheduler", format!("unknown scheduler {:?} (known: {})", scheduler, SCHEDULERS.join(", "))));
     }
+    // −0 equals 0 (IEEE 754) and guides the same: admitted as +0, so the record, the PNG's
+    // parameters and idempotency comparisons see one zero.
+    let guidance = if guidance == 0.0 { 0.0 } else { guidance };
     Ok(BaseSettings { width, height, steps, scheduler, guidance })
 }
 

@@ -23,7 +23,7 @@ impl DType {
         }
     }
 
-    pub(crate) fn from_proto(value: i32) -> Option<Self> {
+    pub fn from_proto(value: i32) -> Option<Self> {
         match pb::DType::try_from(value).ok()? {
             pb::DType::DtypeF32 => Some(DType::F32),
             pb::DType::DtypeF16 => Some(DType::F16),

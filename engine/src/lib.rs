@@ -1,6 +1,7 @@
 //! Joins `models` and `core`: model profiles, the pipeline stages on real models (used by the
 //! worker pools and by `fmboost generate`), and pixels in and out.
 
+pub mod capabilities;
 pub mod executor;
 pub mod files;
 pub mod local;

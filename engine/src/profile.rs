@@ -29,6 +29,13 @@
 //! config = "cfm/hop1.json"     # the UNet config (JSON, reference field names)
 //! upsample = "bilinear"        # bilinear | nearest | psu
 //! noising_step = 400
+//!
+//! [capabilities]               # what jobs may ask for (the coordinator admits by it)
+//! text_conditioning = true
+//! schedulers = ["ddim", "euler_a", "lcm"]
+//! hops = 1
+//! latent_channels = 4
+//! latent_multiple = 4          # what the hop UNets need (a worker that loads them says so)
 //! ```
 //!
 //! `kind = "flow"` in `[base]` is an unconditional flow-matching generator (the CFM UNet
@@ -37,7 +44,8 @@
 
 use std::path::{Path, PathBuf};
 
-use fmboost_core::profile::JobDefaults;
+use fmboost_core::capabilities::Capabilities;
+use fmboost_core::profile::{JobDefaults, ProfileInfo};
 use fmboost_models::cfm::UpsampleMode;
 use serde::Deserialize;
 
@@ -142,16 +150,19 @@ pub struct ProfileSpec {
     /// Job settings for fields a client leaves unset (read by the coordinator too).
     #[serde(default)]
     pub defaults: JobDefaults,
+    /// What its models can run (read by the coordinator too; checked against the rest of
+    /// the file here and against the networks when they load).
+    pub capabilities: Capabilities,
 }
 
 impl ProfileSpec {
     /// Parses TOML; `origin` names the source in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ProfileError> {
-        let spec: ProfileSpec =
-            toml::from_str(text).map_err(|e| ProfileError::Invalid { path: origin.into(), message: e.to_string() })?;
-        if spec.name.trim().is_empty() {
-            return Err(ProfileError::Invalid { path: origin.into(), message: "`name` must not be empty".into() });
-        }
+        let invalid = |message: String| ProfileError::Invalid { path: origin.into(), message };
+        // The serving plane's view first (name, defaults, capabilities), as the coordinator reads it.
+        ProfileInfo::parse(text).map_err(invalid)?;
+        let spec: ProfileSpec = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        crate::capabilities::check_spec(&spec).map_err(invalid)?;
         let base_variant = match &spec.base {
             BaseSpec::StableDiffusion { variant, .. } => variant.as_deref(),
             _ => None,
@@ -159,15 +170,12 @@ impl ProfileSpec {
         for (table, variant) in [("base", base_variant), ("autoencoder", spec.autoencoder.variant.as_deref())] {
             if let Some(v) = variant {
                 if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                    return Err(ProfileError::Invalid {
-                        path: origin.into(),
-                        message: format!("[{table}] variant {v:?}: expected a name such as \"fp16\" (letters, digits, `_`, `-`)"),
-                    });
+                    return Err(invalid(format!("[{table}] variant {v:?}: expected a name such as \"fp16\" (letters, digits, `_`, `-`)")));
                 }
             }
         }
         if spec.autoencoder.variant.is_some() && spec.autoencoder.kind != AutoencoderKind::Diffusers {
-            return Err(ProfileError::Invalid { path: origin.into(), message: "[autoencoder] variant applies to kind = \"diffusers\" only".into() });
+            return Err(invalid("[autoencoder] variant applies to kind = \"diffusers\" only".into()));
         }
         Ok(spec)
     }
@@ -225,6 +233,14 @@ overlap = 16
 [[hops]]
 weights = "/abs/hop1.safetensors"
 config = "hop1.json"
+[defaults]
+hops = 1
+[capabilities]
+text_conditioning = true
+schedulers = ["ddim", "lcm"]
+hops = 1
+latent_channels = 4
+latent_multiple = 4
 "#;
 
     #[test]
@@ -287,5 +303,35 @@ config = "hop1.json"
         assert!(err.to_string().contains("[base] variant \"../fp16\""), "{err}");
         let err = ProfileSpec::read(Path::new("/nonexistent/profile.toml")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/profile.toml"), "{err}");
+    }
+
+    #[test]
+    fn capabilities_must_agree_with_the_rest_of_the_file() {
+        let parse = |text: &str| ProfileSpec::parse(text, Path::new("x.toml")).map(|_| ()).map_err(|e| e.to_string());
+        parse(SD15).unwrap();
+        for (from, to, needle) in [
+            ("hops = 1\nlatent", "hops = 2\nlatent", "[capabilities] hops = 2, but the profile has 1 [[hops]]"),
+            (
+                "hops = 1\n[capabilities]\ntext_conditioning = true",
+                "hops = 1\nguidance = 1.0\n[capabilities]\ntext_conditioning = false",
+                "text_conditioning = false, but a `stable-diffusion` base",
+            ),
+            ("\"lcm\"]", "\"euler\"]", "scheduler `euler`"),
+        ] {
+            let err = parse(&SD15.replace(from, to)).unwrap_err();
+            assert!(err.contains(needle) && err.contains("x.toml"), "{needle:?} not in {err}");
+        }
+        let without = SD15.split("[capabilities]").next().unwrap();
+        assert!(parse(without).unwrap_err().contains("no [capabilities] table"));
+        let tiny = crate::registry::resolve_profile(crate::registry::TINY).unwrap().0;
+        assert_eq!(tiny.capabilities.hops as usize, tiny.hops.len());
+        let text = fmboost_core::profile::TINY_PROFILE_TOML;
+        for (from, to, needle) in [
+            ("text_conditioning = false", "text_conditioning = true", "a `flow` base is unconditional"),
+            ("latent_size = [8, 8]", "latent_size = [8, 16]", "set base_sizes = [[128, 64]]"),
+        ] {
+            let err = parse(&text.replace(from, to)).unwrap_err();
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
     }
 }

@@ -64,7 +64,7 @@ pub struct ProfileModels {
 /// The scheduler name of a flow-matching base: Euler steps of its ODE.
 pub const FLOW_SCHEDULER: &str = "euler";
 /// Pixels per latent pixel of the kl-f8 autoencoders every profile uses.
-pub const LATENT_FACTOR: usize = 8;
+pub const LATENT_FACTOR: usize = fmboost_core::capabilities::LATENT_FACTOR as usize;
 
 /// Settings of a base-stage batch (shared by its jobs).
 #[derive(Debug, Clone)]
@@ -127,14 +127,16 @@ impl ProfileModels {
                 hops.push(HopModel { unet, upsample: hop.upsample, noising_step: hop.noising_step });
             }
         }
+        let latent_channels = autoencoder.as_ref().map(|a| a.config().latent_channels);
+        crate::capabilities::check_models(&spec.capabilities, base.as_ref(), latent_channels, &hops)
+            .map_err(|message| LoadError::Invalid { profile: profile.clone(), message })?;
         Ok(Self { spec, device: device.clone(), base, autoencoder, hops })
     }
 
-    /// The multiple of pixels an input image's sides must have: the autoencoder's 8, times
-    /// what every loaded hop's UNet needs to halve its output `downsamplings` times.
+    /// The multiple of pixels an input image's sides must have for the CFM hops: the
+    /// profile's `[capabilities]`, which loading checked against the hop UNets.
     pub fn pixel_multiple(&self) -> u32 {
-        let latent_multiple = self.hops.iter().map(|h| (1usize << h.unet.config().downsamplings()).div_ceil(2)).max().unwrap_or(1);
-        (LATENT_FACTOR * latent_multiple) as u32
+        self.spec.capabilities.pixel_multiple()
     }
 
     /// Hops this profile has.
@@ -174,9 +176,9 @@ impl ProfileModels {
                 if let Some(job) = jobs.iter().find(|j| !j.prompt.is_empty()) {
                     return Err(RunError::Invalid(format!("profile `{profile}` has an unconditional base model: it takes no prompt (got {:?})", job.prompt)));
                 }
-                if !request.negative_prompt.is_empty() || request.guidance > 1.0 {
+                if !request.negative_prompt.is_empty() || request.guidance != 1.0 {
                     return Err(RunError::Invalid(format!(
-                        "profile `{profile}` has an unconditional base model: no negative prompt or guidance > 1 (got guidance {})",
+                        "profile `{profile}` has an unconditional base model: no negative prompt, guidance 1 (got guidance {})",
                         request.guidance
                     )));
                 }

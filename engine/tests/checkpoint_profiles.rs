@@ -23,7 +23,9 @@ fn load(dir: &Path, name: &str, hop_weights: &Path) -> ProfileModels {
     let profile = dir.join(format!("{name}.toml"));
     let text = format!(
         "name = \"{name}\"\n[base]\nkind = \"flow\"\npath = \"unused.safetensors\"\nconfig = \"hop.json\"\nlatent_size = [4, 4]\n\
-         [autoencoder]\nkind = \"ldm\"\npath = \"{}\"\n[[hops]]\nweights = \"{}\"\nconfig = \"hop.json\"\n",
+         [autoencoder]\nkind = \"ldm\"\npath = \"{}\"\n[[hops]]\nweights = \"{}\"\nconfig = \"hop.json\"\n\
+         [defaults]\nwidth = 32\nheight = 32\nscheduler = \"euler\"\nguidance = 1.0\nhops = 1\n\
+         [capabilities]\ntext_conditioning = false\nschedulers = [\"euler\"]\nbase_sizes = [[32, 32]]\nhops = 1\nlatent_channels = 4\nlatent_multiple = 1\n",
         ckpt().display(),
         hop_weights.display()
     );
@@ -54,9 +56,12 @@ fn hops_and_autoencoder_load_from_the_lightning_ckpt() {
     assert_eq!(image.dims(), &[1, 3, 4, 4], "a one-level first stage decodes at the latent's size");
 }
 
+/// `[defaults]` and `[capabilities]` of an SD profile without hops.
+const SD_NO_HOPS: &str = "[defaults]\nhops = 0\n[capabilities]\ntext_conditioning = true\nschedulers = [\"ddim\", \"euler_a\", \"lcm\"]\nhops = 0\nlatent_channels = 4\nlatent_multiple = 1\n";
+
 fn base_error(dir: &Path, base: &str) -> String {
     let profile = dir.join("sd.toml");
-    std::fs::write(&profile, format!("name = \"sd\"\n[base]\nkind = \"stable-diffusion\"\n{base}\n[autoencoder]\nkind = \"ldm\"\npath = \"x\"\n")).unwrap();
+    std::fs::write(&profile, format!("name = \"sd\"\n[base]\nkind = \"stable-diffusion\"\n{base}\n[autoencoder]\nkind = \"ldm\"\npath = \"x\"\n{SD_NO_HOPS}")).unwrap();
     let spec = ProfileSpec::read(&profile).unwrap();
     let needs = Needs { base: true, autoencoder: false, hops: false };
     match ProfileModels::load(spec, Files::Disk, needs, &Device::Cpu) {

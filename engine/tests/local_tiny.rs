@@ -127,11 +127,55 @@ fn cancelling_one_task_of_a_batch_spares_the_others() {
 
 #[test]
 fn a_prompt_for_the_unconditional_tiny_base_is_a_clear_error() {
-    let executor = ModelExecutor::new(StageKind::Diffusion, tiny_models());
     let mut spec = tiny_spec(1);
     spec.source = Some(pb::job_spec::Source::Text(pb::TextSource { prompt: "a cat".into(), negative_prompt: String::new() }));
-    let (spec, _) = validate(spec, &limits(), 0).unwrap();
+    assert_eq!(validate(spec, &limits(), 0).unwrap_err().field, "source.text.prompt", "admission refuses it");
+    // A task that got past admission anyway (another coordinator's profile file) still fails clearly.
+    let executor = ModelExecutor::new(StageKind::Diffusion, tiny_models());
+    let (mut spec, _) = validate(tiny_spec(1), &limits(), 0).unwrap();
+    spec.source = fmboost_core::spec::Source::Text { prompt: "a cat".into(), negative_prompt: String::new() };
     let results = executor.run_batch(&[StageTask { job_id: "j".into(), spec, hop: 0, input: StageInput::Text }], &mut |_, _, _| true);
     let err = results[0].clone().unwrap_err().to_string();
     assert!(err.contains("unconditional") && err.contains("a cat"), "{err}");
+}
+
+/// The edges of tiny's `[capabilities]` run: the smallest image two hops take (16 px), a
+/// latent with even (not multiple-of-4) sides, an 8 px image without hops.
+#[test]
+fn what_admission_lets_through_runs_on_the_tiny_models() {
+    let pipeline = LocalPipeline::new(tiny_models());
+    let png = |width, height| {
+        let mut png = Vec::new();
+        image::RgbImage::from_pixel(width, height, image::Rgb([90, 140, 200]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        Some(pb::job_spec::Source::Image(pb::ImageSource { data: png }))
+    };
+    let latent = fmboost_core::tensor::WireTensor::from_f32(vec![1, 4, 6, 10], &[0.1; 240]).to_proto();
+    let cases = [
+        (png(16, 32), None, (64, 128)),
+        (Some(pb::job_spec::Source::Latent(latent)), None, (320, 192)),
+        (png(8, 8), Some(0), (8, 8)),
+    ];
+    for (source, hops, size) in cases {
+        let spec = pb::JobSpec { source, base: None, cfm: Some(pb::CfmSettings { hops, ..Default::default() }), ..tiny_spec(3) };
+        let (spec, upload) = validate(spec, &limits(), 0).unwrap_or_else(|e| panic!("admission: {e}"));
+        let result = pipeline.run(&spec, upload, &mut |_, _, _| true).unwrap_or_else(|(stage, e)| panic!("{stage}: {e}"));
+        let image = image::load_from_memory(&result.png).unwrap();
+        assert_eq!((image.width(), image.height()), size);
+    }
+}
+
+#[test]
+fn the_latent_multiple_follows_the_hop_unets() {
+    use fmboost_engine::capabilities::required_latent_multiple;
+    let (spec, files) = resolve_profile(TINY).unwrap();
+    let config = |path: &std::path::Path| fmboost_models::cfm::UNetConfig::from_json(&files.read_to_string(path).unwrap()).unwrap();
+    let hops: Vec<_> = spec.hops.iter().map(|h| config(&h.config)).collect();
+    assert_eq!(required_latent_multiple(&hops), spec.capabilities.latent_multiple);
+    // Three levels (two halvings) at hop 1 need an even latent; four levels need a multiple of 4.
+    let deeper = fmboost_models::cfm::UNetConfig { channel_mult: vec![1, 2, 2, 2], ..hops[0].clone() };
+    assert_eq!(required_latent_multiple([&deeper]), 4);
+    assert_eq!(required_latent_multiple([&deeper, &deeper]), 4);
+    assert_eq!(required_latent_multiple(&hops[..0]), 1);
 }

@@ -184,9 +184,12 @@ impl SpecFlags {
         };
         // The cluster validates again; checking here stops a run of thousands of rejections.
         // A profile this binary does not know (one a remote cluster serves from a file) is
-        // checked with Stable Diffusion's defaults; the coordinator applies the real ones.
-        let profile = ProfileInfo::resolve(&spec.profile)
-            .unwrap_or_else(|_| ProfileInfo { name: spec.profile.clone(), defaults: Default::default() });
+        // checked as the `sleep` stand-in for Stable Diffusion (its defaults and
+        // capabilities); the coordinator applies the real ones.
+        let profile = ProfileInfo::resolve(&spec.profile).unwrap_or_else(|_| ProfileInfo {
+            name: spec.profile.clone(),
+            ..ProfileInfo::resolve(fmboost_core::sleep::PROFILE).expect("the built-in sleep profile")
+        });
         let limits = Limits::new(vec![profile], MAX_UPLOAD_BYTES);
         let (admitted, _) = validate(spec.clone(), &limits, fmboost_core::now_unix_ms()).map_err(|e| anyhow::anyhow!("{origin}{e}"))?;
         Ok(JobTemplate { first_seed: spec.seed, hops: admitted.cfm.hops, spec, seeds: self.seeds })

@@ -124,8 +124,9 @@ fn good_worker() -> Container {
                      "--health-listen=0.0.0.0:50061", "--metrics-listen=0.0.0.0:9090"],
         "ports": [{"name": "health", "containerPort": 50061, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
-        "probes": {"startupProbe": {"kind": "grpc", "port": 50061, "service": null},
-                   "livenessProbe": {"kind": "grpc", "port": "health", "service": null}},
+        "probes": {"startupProbe": {"kind": "grpc", "port": 50061, "service": "liveness"},
+                   "readinessProbe": {"kind": "grpc", "port": 50061, "service": null},
+                   "livenessProbe": {"kind": "grpc", "port": "health", "service": "liveness"}},
         "env": ["FMBOOST_ARG_MAX_BATCH", "RUST_LOG"]
     }))
     .expect("a container-args.json entry")
@@ -197,6 +198,22 @@ fn probes_must_be_grpc_on_the_health_port() {
         c.ports.remove(0);
     });
     assert_one_error(errors, "probes need the gRPC health server, but fmboost-worker-cfm gets no --health-listen");
+}
+
+#[test]
+fn liveness_probes_must_not_follow_redis() {
+    assert_one_error(
+        worker_errors(|c| c.probes.get_mut("livenessProbe").unwrap().service = None),
+        "livenessProbe asks for health service \"\", not \"liveness\" (a Redis outage must not restart the process)",
+    );
+    assert_one_error(
+        worker_errors(|c| c.probes.get_mut("startupProbe").unwrap().service = Some(String::new())),
+        "startupProbe asks for health service \"\", not \"liveness\"",
+    );
+    assert_one_error(
+        worker_errors(|c| c.probes.get_mut("readinessProbe").unwrap().service = Some("liveness".into())),
+        "readinessProbe asks for health service \"liveness\", not \"\" (readiness follows Redis)",
+    );
 }
 
 #[test]

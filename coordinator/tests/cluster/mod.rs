@@ -58,12 +58,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Proc {
+    fn spawn(name: &str, program: &Path, args: &[String], dir: &Path, env: &[(String, String)]) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .spawn()
@@ -117,6 +118,10 @@ pub struct Options {
     pub max_deliveries: u32,
     pub max_batch: u32,
     pub batch_wait_ms: u64,
+    /// More coordinator flags.
+    pub coordinator_args: Vec<String>,
+    /// Environment of the coordinator and worker processes (besides RUST_LOG=info).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -133,6 +138,8 @@ impl Default for Options {
             max_deliveries: 3,
             max_batch: 1,
             batch_wait_ms: 0,
+            coordinator_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -159,7 +166,7 @@ impl Cluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let redis = Proc::spawn("redis", &redis_bin, &args, dir.path());
+        let redis = Proc::spawn("redis", &redis_bin, &args, dir.path(), &[]);
         wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), "redis-server");
         let mut cluster = Cluster {
             redis_url: format!("redis://127.0.0.1:{port}"),
@@ -220,9 +227,10 @@ impl Cluster {
             std::fs::write(&path, format!("{token}\n")).expect("token file");
             args.extend(["--auth-token-file".into(), path.display().to_string()]);
         }
+        args.extend(self.options.coordinator_args.iter().cloned());
         self.spawned += 1;
         let name = format!("coordinator-{}", self.spawned);
-        let proc = Proc::spawn(&name, &binary("fmboost-coordinator"), &args, self.dir.path());
+        let proc = Proc::spawn(&name, &binary("fmboost-coordinator"), &args, self.dir.path(), &self.options.env);
         wait_for_port(addr, "the coordinator");
         (proc, addr)
     }
@@ -234,6 +242,16 @@ impl Cluster {
 
     /// Starts a worker of `stage` with extra flags.
     pub fn start_worker_with(&mut self, stage: &str, extra: &[String]) -> usize {
+        let profile = match &self.options.profile {
+            Some(file) => file.display().to_string(),
+            None if self.options.tiny => "tiny".into(),
+            None => format!("sleep:{}", self.options.step_ms),
+        };
+        self.start_worker_on(stage, &profile, extra)
+    }
+
+    /// Starts a worker of `stage` serving `profile` (a name or a profile file), with extra flags.
+    pub fn start_worker_on(&mut self, stage: &str, profile: &str, extra: &[String]) -> usize {
         let o = &self.options;
         let mut args: Vec<String> = vec![
             "--redis".into(),
@@ -241,11 +259,7 @@ impl Cluster {
             "--namespace".into(),
             self.namespace.clone(),
             "--profile".into(),
-            match &o.profile {
-                Some(file) => file.display().to_string(),
-                None if o.tiny => "tiny".into(),
-                None => format!("sleep:{}", o.step_ms),
-            },
+            profile.to_string(),
             "--idle-timeout-ms".into(),
             o.idle_timeout_ms.to_string(),
             "--heartbeat-ms".into(),
@@ -260,7 +274,7 @@ impl Cluster {
         args.extend_from_slice(extra);
         self.spawned += 1;
         let name = format!("worker-{stage}-{}", self.spawned);
-        let proc = Proc::spawn(&name, &binary(&format!("fmboost-worker-{stage}")), &args, self.dir.path());
+        let proc = Proc::spawn(&name, &binary(&format!("fmboost-worker-{stage}")), &args, self.dir.path(), &self.options.env);
         self.workers.push((stage.to_string(), proc));
         self.workers.len() - 1
     }
@@ -398,7 +412,8 @@ pub fn terminal(events: &[pb::JobEvent]) -> &pb::job_event::Event {
 
 /// Downloads the PNG (and the final latent when `latent`).
 pub async fn result(cluster: &Cluster, client: &mut PipelineClient<Channel>, job_id: &str, latent: bool) -> (Vec<u8>, Option<pb::Tensor>) {
-    let request = pb::GetResultRequest { job_id: job_id.into(), include_latent: latent, chunk_bytes: 1000 };
+    // The smallest chunk allowed, so that larger results come in several.
+    let request = pb::GetResultRequest { job_id: job_id.into(), include_latent: latent, chunk_bytes: 16 << 10 };
     let mut stream = client.get_result(cluster.authorize(tonic::Request::new(request))).await.expect("get result").into_inner();
     let (mut png, mut tensor) = (Vec::new(), None::<pb::Tensor>);
     while let Some(chunk) = stream.message().await.expect("result stream") {

@@ -20,9 +20,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use prometheus::{HistogramVec, IntCounterVec, Registry};
 
+use crate::health::Health;
 use crate::keys::Keys;
 use crate::stage::{StageExecutor, StageKind};
 use crate::{metrics, now_unix_ms, redis_conn};
+
+/// A health probe that gets no PONG within this counts Redis down (readiness NOT_SERVING).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Flags shared by the three worker binaries.
 #[derive(Debug, Clone, clap::Parser)]
@@ -60,7 +64,8 @@ pub struct WorkerFlags {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Serve grpc.health.v1 at ADDR.
+    /// Serve grpc.health.v1 at ADDR: service "" is readiness (model loaded, Redis answering,
+    /// not draining), service "liveness" stays SERVING from startup to exit.
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
     /// Consumer name in Redis; default `{hostname}-{pid}-{random}`.
@@ -157,8 +162,8 @@ pub(crate) struct WorkerContext {
 }
 
 async fn run(kind: StageKind, flags: WorkerFlags, factory: ExecutorFactory) -> anyhow::Result<()> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::new(reporter, &[]).await;
     if let Some(addr) = flags.health_listen {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--health-listen {addr}: cannot bind"))?;
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
@@ -200,8 +205,9 @@ async fn run(kind: StageKind, flags: WorkerFlags, factory: ExecutorFactory) -> a
         flags,
     });
     let heartbeat = tokio::spawn(heartbeat_loop(ctx.clone()));
-    spawn_signal_handler(ctx.clone());
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    spawn_signal_handler(ctx.clone(), health.clone());
+    health.watch_redis(client.clone(), PROBE_TIMEOUT).await;
+    health.started().await;
     tracing::info!(worker = %id, stage = %kind, profile = ctx.executor.profile(), "worker ready");
 
     let mut queue = queue::TaskQueue::new(ctx.clone(), redis_conn::blocking(&client).await?);
@@ -215,10 +221,12 @@ async fn run(kind: StageKind, flags: WorkerFlags, factory: ExecutorFactory) -> a
             }
         }
     }
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     heartbeat.abort();
     let mut conn = ctx.conn.clone();
-    let _: () = redis::cmd("ZREM").arg(ctx.keys.workers(kind)).arg(&id).query_async(&mut conn).await.context("deregistering")?;
+    let mut deregister = redis::pipe();
+    deregister.cmd("ZREM").arg(ctx.keys.workers(kind)).arg(&id).ignore();
+    deregister.cmd("ZREM").arg(ctx.keys.profile_workers(kind, ctx.executor.profile())).arg(&id).ignore();
+    let _: () = deregister.query_async(&mut conn).await.context("deregistering")?;
     tracing::info!(worker = %id, "drained, exiting");
     Ok(())
 }
@@ -228,8 +236,9 @@ fn default_worker_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
-/// SIGTERM or SIGINT: stop reading; the main loop finishes in-flight work and returns.
-fn spawn_signal_handler(ctx: Arc<WorkerContext>) {
+/// SIGTERM or SIGINT: not ready, stop reading; the main loop finishes in-flight work and
+/// returns.
+fn spawn_signal_handler(ctx: Arc<WorkerContext>, health: Health) {
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(term) => term,
@@ -244,6 +253,7 @@ fn spawn_signal_handler(ctx: Arc<WorkerContext>) {
         }
         tracing::info!("signal received: draining");
         ctx.shutdown.store(true, Ordering::SeqCst);
+        health.draining().await;
     });
 }
 
@@ -257,8 +267,10 @@ async fn heartbeat_loop(ctx: Arc<WorkerContext>) {
         let now = now_unix_ms();
         let entries = ctx.in_flight.lock().expect("in-flight lock").clone();
         let mut pipe = redis::pipe();
-        pipe.cmd("ZADD").arg(ctx.keys.workers(ctx.kind)).arg(now + 5 * ctx.flags.heartbeat_ms).arg(&ctx.id).ignore();
-        pipe.cmd("ZREMRANGEBYSCORE").arg(ctx.keys.workers(ctx.kind)).arg("-inf").arg(now).ignore();
+        for set in [ctx.keys.workers(ctx.kind), ctx.keys.profile_workers(ctx.kind, ctx.executor.profile())] {
+            pipe.cmd("ZADD").arg(&set).arg(now + 5 * ctx.flags.heartbeat_ms).arg(&ctx.id).ignore();
+            pipe.cmd("ZREMRANGEBYSCORE").arg(&set).arg("-inf").arg(now).ignore();
+        }
         for (stream, entry) in &entries {
             pipe.cmd("XCLAIM").arg(stream).arg(crate::keys::WORKER_GROUP).arg(&ctx.id).arg(0).arg(entry).arg("JUSTID").ignore();
         }

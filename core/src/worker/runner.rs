@@ -14,6 +14,7 @@ use super::queue::Delivery;
 use super::WorkerContext;
 use crate::keys::WORKER_GROUP;
 use crate::now_unix_ms;
+use crate::reason::client_reason;
 use crate::spec::JobSpec;
 use crate::stage::{StageError, StageInput, StageKind, StageOutput, StageRef, StageTask};
 use crate::tensor::WireTensor;
@@ -67,7 +68,7 @@ async fn prepare(ctx: &Arc<WorkerContext>, delivery: Delivery) -> anyhow::Result
     };
     let at = StageRef { kind: ctx.kind, hop: task.hop };
     let settle = |kind: ipb::stage_event::Kind| settle(ctx, &delivery.stream, &delivery.entry_id, &task.job_id, at, delivery.attempt, kind, None);
-    let failed = |reason: String| ipb::stage_event::Kind::Failed(ipb::TaskFailed { reason });
+    let failed = |reason: String| ipb::stage_event::Kind::Failed(ipb::TaskFailed { reason: client_reason(&reason) });
     if StageKind::from_proto(task.stage) != Some(ctx.kind) {
         settle(failed(format!("task for stage {} in the {} queue", task.stage, ctx.kind))).await?;
         return Ok(None);
@@ -191,7 +192,7 @@ async fn report(ctx: &WorkerContext, p: &Prepared, result: Result<StageOutput, S
             ("done", Kind::Done(done), Some((key, bytes)))
         }
         Err(StageError::Cancelled) => ("cancelled", Kind::Cancelled(ipb::TaskCancelled {}), None),
-        Err(err) => ("failed", Kind::Failed(ipb::TaskFailed { reason: format!("{}: {err}", p.at) }), None),
+        Err(err) => ("failed", Kind::Failed(ipb::TaskFailed { reason: client_reason(&format!("{}: {err}", p.at)) }), None),
     };
     ctx.metrics.tasks.with_label_values(&[ctx.kind.name(), outcome]).inc();
     settle(ctx, &p.stream, &p.entry_id, &p.task.job_id, p.at, p.attempt, kind, blob).await
@@ -237,7 +238,7 @@ pub(crate) async fn dead_letter(ctx: &WorkerContext, delivery: &Delivery, reason
     if let Ok(task) = &delivery.task {
         dlq.arg("task").arg(task.encode_to_vec());
         let at = StageRef { kind: ctx.kind, hop: task.hop };
-        let failed = ipb::stage_event::Kind::Failed(ipb::TaskFailed { reason: format!("{at}: {reason}") });
+        let failed = ipb::stage_event::Kind::Failed(ipb::TaskFailed { reason: client_reason(&format!("{at}: {reason}")) });
         pipe.cmd("XADD").arg(ctx.keys.events()).arg("*").arg("event").arg(stage_event(ctx, &task.job_id, at, delivery.attempt, failed)).ignore();
     }
     pipe.add_command(dlq).ignore();

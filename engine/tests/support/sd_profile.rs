@@ -92,6 +92,15 @@ guidance = 7.5
 hops = 1
 cfm_solver = "euler"
 cfm_steps = 3
+
+# What admission lets through: prompts and guidance, SD's three schedulers, any multiple of
+# 8 px; the hop UNet (two levels) takes any latent size entering hop 1.
+[capabilities]
+text_conditioning = true
+schedulers = ["ddim", "euler_a", "lcm"]
+hops = 1
+latent_channels = 4
+latent_multiple = 1
 "#,
         name = fixture.profile_name(),
         model = model_dir.display(),

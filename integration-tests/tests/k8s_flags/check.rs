@@ -47,6 +47,9 @@ pub struct Probe {
     /// A number or a port name; absent for exec.
     #[serde(default)]
     pub port: Option<serde_json::Value>,
+    /// The grpc.health.v1 service a gRPC probe asks for (absent: `""`).
+    #[serde(default)]
+    pub service: Option<String>,
 }
 
 impl Container {
@@ -54,6 +57,8 @@ impl Container {
         format!("{}: {} container {}", self.overlay, self.workload, self.container)
     }
 }
+
+use fmboost_core::health::LIVENESS_SERVICE;
 
 /// Env vars named `FMBOOST_ARG_*` exist only for `$(VAR)` expansion in the args; no binary
 /// reads them.
@@ -211,7 +216,9 @@ fn check_ports(container: &Container, listens: &BTreeMap<String, u16>, errors: &
 
 /// Every probe is a native gRPC probe on the port where the binary serves grpc.health.v1:
 /// `--health-listen` for binaries that have it (the workers), else `--listen` (the
-/// coordinator serves health beside its API).
+/// coordinator serves health beside its API). Startup and liveness probes ask for the
+/// `liveness` service, which never depends on Redis (a Redis outage must not restart healthy
+/// processes); readiness asks for the default service, which follows Redis.
 fn check_probes(container: &Container, help: &BinaryHelp, listens: &BTreeMap<String, u16>, binary: &str, errors: &mut Vec<String>) {
     if container.probes.is_empty() {
         return;
@@ -237,6 +244,12 @@ fn check_probes(container: &Container, help: &BinaryHelp, listens: &BTreeMap<Str
             Some(port) if port == u64::from(health_port) => {}
             Some(port) => errors.push(format!("{kind} targets port {port}, not the gRPC health port {health_port} ({health_flag})")),
             None => errors.push(format!("{kind} port {:?} resolves to no containerPort", probe.port)),
+        }
+        let service = probe.service.as_deref().unwrap_or("");
+        let wanted = if kind == "readinessProbe" { "" } else { LIVENESS_SERVICE };
+        if service != wanted {
+            let why = if wanted.is_empty() { "readiness follows Redis" } else { "a Redis outage must not restart the process" };
+            errors.push(format!("{kind} asks for health service {service:?}, not {wanted:?} ({why})"));
         }
     }
 }

@@ -185,6 +185,10 @@ impl StableDiffusion {
         &self.tokenizer
     }
 
+    pub fn unet_config(&self) -> &UNetConfig {
+        &self.unet_config
+    }
+
     /// Pixels per latent pixel (8 for SD 1.5).
     pub fn latent_factor(&self) -> usize {
         self.latent_factor
