@@ -24,6 +24,16 @@ async fn cluster_equals_in_process(fixture: Fixture) {
     let output = cluster.cli(&args);
     assert!(output.status.success(), "{fixture:?}: submit failed: {}", String::from_utf8_lossy(&output.stderr));
 
+    // Admission reads the profile's [capabilities]: a flow scheduler and a second hop are
+    // refused before anything is queued, naming the field.
+    for (extra, field) in [(["--scheduler", "euler"], "base.scheduler"), (["--hops", "2"], "cfm.hops")] {
+        let mut args = vec!["submit", "--profile", fixture.profile_name(), "--prompt", "a cat"];
+        args.extend(extra);
+        let output = cluster.cli(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(field), "{fixture:?} {extra:?}: {stderr}");
+    }
+
     let b = cluster.dir.path().join("local.png");
     let output = std::process::Command::new(cluster::binary("fmboost"))
         .args(["generate", "--profile", profile.to_str().unwrap(), "--out", b.to_str().unwrap()])
