@@ -335,3 +335,37 @@ latent_multiple = 4
         }
     }
 }
+
+/// The profiles docs/models/sd15.md shows are profiles this parser takes: its first TOML block
+/// whole, and with the single-file and the paper's-checkpoint blocks put in place of the tables
+/// they show.
+#[cfg(test)]
+mod doc_examples {
+    use super::*;
+
+    const DOC: &str = include_str!("../../docs/models/sd15.md");
+
+    fn blocks() -> Vec<toml::Table> {
+        DOC.split("```toml\n")
+            .skip(1)
+            .map(|rest| rest.split("```").next().unwrap())
+            .map(|text| text.parse::<toml::Table>().unwrap_or_else(|e| panic!("{e}\n{text}")))
+            .collect()
+    }
+
+    #[test]
+    fn the_doc_profiles_parse() {
+        let blocks = blocks();
+        assert_eq!(blocks.len(), 3, "a whole profile, a single file, the paper's checkpoint");
+        let parse = |table: &toml::Table| ProfileSpec::parse(&toml::to_string(table).unwrap(), Path::new("sd15.md")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(parse(&blocks[0]).capabilities.text_conditioning);
+        let with = |part: &toml::Table| {
+            let mut profile = blocks[0].clone();
+            profile.extend(part.clone());
+            parse(&profile)
+        };
+        assert!(matches!(with(&blocks[1]).base, BaseSpec::StableDiffusion { tokenizer: Some(_), .. }));
+        let paper = with(&blocks[2]);
+        assert_eq!(paper.hops[0].weights, paper.autoencoder.path, "hop and first stage from the one .ckpt");
+    }
+}
