@@ -24,4 +24,6 @@ fi
 ./scripts/validate-k8s.sh
 
 cargo build --workspace --bins
+# The GPU check's CPU-only parts: every command it will run, validated here (docs/benchmarks.md).
+./scripts/gpu-check.sh --dry-run
 cargo test --workspace "$@"
