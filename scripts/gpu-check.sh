@@ -199,9 +199,9 @@ gpu_cap=$(echo "$gpu_cap" | tr -d ' .')
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-${gpu_cap:-90}}"
 log "card: $gpu_line (building for compute capability $CUDA_COMPUTE_CAP)"
 
-record() { # NAME STATUS EXIT SECONDS REASON
+record() { # NAME STATUS EXIT SECONDS REASON [OUTPUT]
     printf '{"step":%s,"status":%s,"exit":%s,"seconds":%s,"output":%s,"reason":%s}\n' \
-        "$(json_str "$1")" "$(json_str "$2")" "$3" "$4" "$(json_str "$1.json")" "$(json_str "$5")" >>"$summary"
+        "$(json_str "$1")" "$(json_str "$2")" "$3" "$4" "$(json_str "${6:-$1.json}")" "$(json_str "$5")" >>"$summary"
 }
 
 # The CUDA libraries candle links (cudarc, dynamic linking): unversioned names for the linker,
@@ -232,8 +232,8 @@ prepare_cuda_libs() {
         found=""
         for d in "${search[@]}"; do
             [ -d "$d" ] || continue
-            found=$(ls "$d"/lib"$lib".so "$d"/lib"$lib".so.[0-9]* 2>/dev/null | grep -v stubs/ | head -1 || true)
-            [ -z "$found" ] && [ "$lib" = cuda ] && found=$(ls "$d"/libcuda.so 2>/dev/null | head -1 || true)
+            # The driver's own libcuda comes before the toolkit's link-only stub (searched last).
+            found=$(ls "$d"/lib"$lib".so "$d"/lib"$lib".so.[0-9]* 2>/dev/null | head -1 || true)
             [ -n "$found" ] && break
         done
         if [ -z "$found" ]; then
@@ -244,6 +244,7 @@ prepare_cuda_libs() {
         loader_dirs+=("$(dirname "$(readlink -f "$found")")")
         log "links lib$lib against $found"
     done
+    missing_libs="${missing[*]}"
     if [ ${#missing[@]} -gt 0 ]; then
         log "CUDA libraries not found: ${missing[*]} (searched: ${search[*]}; add directories with FMBOOST_CUDA_LIB_DIRS)"
         return 1
@@ -293,7 +294,7 @@ if [ "$need_build" = 1 ]; then
     elif ! pick_cudarc_version; then
         build_reason="nvcc's version not understood"
     elif ! prepare_cuda_libs; then
-        build_reason="CUDA libraries missing (see logs/build.log)"
+        build_reason="CUDA libraries not found: $missing_libs (set FMBOOST_CUDA_LIB_DIRS)"
     else
         log "building fmboost with CUDA (release, target $cuda_target); log in $out/logs/build.log"
         if timeout "$((budget_s - (SECONDS - started)))" env CARGO_TARGET_DIR="$cuda_target" \
@@ -306,7 +307,7 @@ if [ "$need_build" = 1 ]; then
         fi
     fi
     [ "$built" = 1 ] || failures=$((failures + 1))
-    record build "$([ "$built" = 1 ] && echo ok || echo failed)" "$([ "$built" = 1 ] && echo 0 || echo 1)" "$((SECONDS - build_start))" "$build_reason"
+    record build "$([ "$built" = 1 ] && echo ok || echo failed)" "$([ "$built" = 1 ] && echo 0 || echo 1)" "$((SECONDS - build_start))" "$build_reason" logs/build.log
     log "build: $([ "$built" = 1 ] && echo ok || echo "FAILED: $build_reason") in $((SECONDS - build_start)) s"
 fi
 fmboost="$cuda_target/release/fmboost"
