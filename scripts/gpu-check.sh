@@ -297,7 +297,9 @@ if [ "$need_build" = 1 ]; then
         build_reason="CUDA libraries not found: $missing_libs (set FMBOOST_CUDA_LIB_DIRS)"
     else
         log "building fmboost with CUDA (release, target $cuda_target); log in $out/logs/build.log"
+        # candle-kernels' nvcc jobs use every core (by default a share of them).
         if timeout "$((budget_s - (SECONDS - started)))" env CARGO_TARGET_DIR="$cuda_target" \
+            CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}" \
             RUSTFLAGS="${RUSTFLAGS:-} -L native=$link_dir" \
             cargo build --release --locked -p fmboost-cli --features cuda >"$out/logs/build.log" 2>&1; then
             built=1
