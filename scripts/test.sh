@@ -28,4 +28,6 @@ fi
 ./examples/python/run.sh --install-only
 
 cargo build --workspace --bins
+# The GPU check's CPU-only parts: every command it will run, validated here (docs/benchmarks.md).
+./scripts/gpu-check.sh --dry-run
 cargo test --workspace "$@"

@@ -191,7 +191,7 @@ impl RunArgs {
 
     fn prepare(&self) -> Result<Run> {
         self.validate()?;
-        let device = fmboost_models::device::parse_device(&self.device).map_err(anyhow::Error::msg)?;
+        let device = fmboost_models::device::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
         let checkpoint = self.out.join("checkpoint.safetensors");
         if checkpoint.exists() && !self.resume {
             bail!("{} exists: pass --resume to continue it, or choose another --out", checkpoint.display());

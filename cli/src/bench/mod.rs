@@ -1,12 +1,17 @@
 //! `fmboost bench ...`: micro-benchmarks that print one JSON line each.
 
 pub mod cfm;
+pub mod chain;
 pub mod decode;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Seconds per network evaluation of the CFM UNet with random weights.
     Cfm(cfm::Args),
+    /// Seconds per stage and per image of the whole 1024² (or 2048²) chain on SD 1.5's
+    /// architectures with random weights: text encoder, UNet (DDIM with guidance; LCM), CFM
+    /// hop(s), VAE decode.
+    Chain(chain::Args),
     /// Seconds and peak RSS of decoding a latent with the SD 1.5 VAE (random weights), tiled
     /// and, where it fits in memory, untiled.
     Decode(decode::Args),
@@ -15,6 +20,7 @@ pub enum Command {
 pub fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
     match command {
         Command::Cfm(args) => cfm::run(args),
+        Command::Chain(args) => chain::run(args),
         Command::Decode(args) => decode::run(args),
     }
 }

@@ -3,7 +3,7 @@
 //! same code serves sampling and training.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::config::NORM_GROUPS;
 use super::conv::Conv3x3;
@@ -92,17 +92,16 @@ impl ResBlock {
     }
 
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?;
-        // [B, C] → [B, C, 1, 1] so it broadcasts over the spatial axes.
-        let emb_out = self.emb_linear.forward(&emb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = self.in_conv.forward(&self.in_norm.forward_silu(x, None)?)?;
+        let emb_out = self.emb_linear.forward(&emb.silu()?)?; // [B, C or 2C]
         let h = if self.use_scale_shift_norm {
             let chunks = emb_out.chunk(2, 1)?;
-            let (scale, shift) = (&chunks[0], &chunks[1]);
-            self.out_norm.forward(&h)?.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?
+            self.out_norm.forward_silu(&h, Some((&chunks[0], &chunks[1])))?
         } else {
-            self.out_norm.forward(&h.broadcast_add(&emb_out)?)?
+            // [B, C] → [B, C, 1, 1] so it broadcasts over the spatial axes.
+            self.out_norm.forward_silu(&h.broadcast_add(&emb_out.unsqueeze(2)?.unsqueeze(3)?)?, None)?
         };
-        let h = self.out_conv.forward(&h.silu()?)?;
+        let h = self.out_conv.forward(&h)?;
         match &self.skip {
             Some(skip) => skip.forward_2d(x)? + h,
             None => x + h,
@@ -202,19 +201,18 @@ impl SpatialSelfAttention {
 /// `Downsample`: stride-2 3×3 conv (`op`) or 2×2 average pooling.
 #[derive(Debug, Clone)]
 pub(crate) enum Downsample {
-    Conv(Conv2d),
+    Conv(Conv3x3),
     AvgPool,
 }
 
 impl Downsample {
     pub fn new(ch: usize, use_conv: bool, vb: VarBuilder) -> Result<Self> {
-        let stride_2 = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
-        Ok(if use_conv { Self::Conv(candle_nn::conv2d(ch, ch, 3, stride_2, vb.pp("op"))?) } else { Self::AvgPool })
+        Ok(if use_conv { Self::Conv(conv3x3(ch, ch, vb.pp("op"))?) } else { Self::AvgPool })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Conv(conv) => conv.forward(x),
+            Self::Conv(conv) => conv.forward_stride_2(x),
             Self::AvgPool => x.avg_pool2d(2),
         }
     }
@@ -232,10 +230,9 @@ impl Upsample {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let up = nearest_2x(x)?;
         match &self.conv {
-            Some(conv) => conv.forward(&up),
-            None => Ok(up),
+            Some(conv) => conv.forward_upsampled_2x(x),
+            None => nearest_2x(x),
         }
     }
 }

@@ -14,6 +14,7 @@ mod norm;
 mod plan;
 mod resample;
 mod sampler;
+mod silu;
 mod solver;
 mod unet;
 

@@ -2,6 +2,12 @@
 //! group (f64 accumulators), normalise-and-affine in a second — instead of candle_nn's chain
 //! of eight tensor ops; its backward is the textbook GroupNorm gradient written in tensor ops.
 //! Elsewhere it is `candle_nn::GroupNorm`.
+//!
+//! `forward_silu` is what every ResBlock and the output head run: SiLU(GN(x)), with the
+//! optional timestep scale-shift `·(1 + scale) + shift` folded into each (item, channel)'s
+//! affine. For inference (no input tracks gradients) on the CPU in f32 that is one pass over
+//! the output with a vectorised exp (`silu.rs`), where the tensor ops make four (candle's SiLU
+//! calls libm's expf element by element); with gradients it is the tensor ops.
 
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
@@ -36,11 +42,53 @@ impl Module for GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// SiLU(GN(x)) or, with `modulation` = (scale, shift) of shape [B, C] (or [B, C, 1, 1]),
+    /// SiLU(GN(x)·(1 + scale) + shift).
+    pub fn forward_silu(&self, x: &Tensor, modulation: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let (b, c) = (x.dim(0)?, x.dim(1)?);
+        let modulation = match modulation {
+            Some((scale, shift)) => Some((scale.reshape((b, c))?, shift.reshape((b, c))?)),
+            None => None,
+        };
+        let mut inputs = vec![x, &self.weight, &self.bias];
+        if let Some((scale, shift)) = &modulation {
+            inputs.extend([scale, shift]);
+        }
+        let tracked = inputs.iter().any(|t| t.track_op());
+        if x.device().is_cpu() && x.dtype() == DType::F32 && !tracked {
+            // Per (item, channel): out = SiLU(x̂ · gain + offset), x̂ normalised by group.
+            let (gain, offset) = match &modulation {
+                Some((scale, shift)) => {
+                    let factor = (scale + 1.0)?;
+                    (factor.broadcast_mul(&self.weight.unsqueeze(0)?)?, (factor.broadcast_mul(&self.bias.unsqueeze(0)?)? + shift)?)
+                }
+                None => (self.weight.unsqueeze(0)?.broadcast_as((b, c))?, self.bias.unsqueeze(0)?.broadcast_as((b, c))?),
+            };
+            let op = FusedGroupNorm { groups: self.groups, eps: self.eps, silu: true };
+            return x.contiguous()?.apply_op3(&gain.contiguous()?, &offset.contiguous()?, op);
+        }
+        let y = self.forward(x)?;
+        let y = match &modulation {
+            Some((scale, shift)) => {
+                let spatial = |t: &Tensor| -> Result<Tensor> {
+                    let mut shape = vec![b, c];
+                    shape.resize(x.rank(), 1);
+                    t.reshape(shape)
+                };
+                y.broadcast_mul(&spatial(&(scale + 1.0)?)?)?.broadcast_add(&spatial(shift)?)?
+            }
+            None => y,
+        };
+        y.silu()
+    }
+}
+
 /// GroupNorm of x [B, C, ...] with per-channel `weight` and `bias` [C]: the fused kernel on
 /// the CPU in f32, candle_nn's GroupNorm elsewhere.
 pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = FusedGroupNorm { groups, eps };
+        let op = FusedGroupNorm { groups, eps, silu: false };
         x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
     } else {
         let channels = weight.dim(0)?;
@@ -48,9 +96,12 @@ pub fn group_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps
     }
 }
 
+/// Weight and bias are [C] (plain GroupNorm) or, with `silu`, a gain and offset per (item,
+/// channel) [B, C] followed by SiLU (inference only: no backward).
 struct FusedGroupNorm {
     groups: usize,
     eps: f64,
+    silu: bool,
 }
 
 fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -75,7 +126,8 @@ impl CustomOp3 for FusedGroupNorm {
         }
         let c = dims[1];
         let spatial: usize = dims[2..].iter().product();
-        if !c.is_multiple_of(self.groups) || l2.shape().dims() != [c] || l3.shape().dims() != [c] {
+        let affine_dims = if self.silu { vec![dims[0], c] } else { vec![c] };
+        if !c.is_multiple_of(self.groups) || l2.shape().dims() != affine_dims || l3.shape().dims() != affine_dims {
             candle_core::bail!("group_norm: {} groups, input {dims:?}, weight {:?}", self.groups, l2.shape().dims());
         }
         if l1.shape().elem_count() == 0 {
@@ -100,13 +152,18 @@ impl CustomOp3 for FusedGroupNorm {
                 .sum();
             let var = sq / n;
             let inv_std = 1.0 / (var + self.eps).sqrt();
-            let first_channel = (g % self.groups) * per_group;
+            // Channel index into weight/bias: per channel, or per (item, channel) with SiLU.
+            let first_channel = if self.silu { g * per_group } else { (g % self.groups) * per_group };
             for (k, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
                 let ch = first_channel + k;
                 let scale = (inv_std * gamma[ch] as f64) as f32;
                 let shift = (beta[ch] as f64 - mean * inv_std * gamma[ch] as f64) as f32;
-                for (o, &v) in d.iter_mut().zip(s) {
-                    *o = v * scale + shift;
+                if self.silu {
+                    super::silu::affine_silu(d, s, scale, shift);
+                } else {
+                    for (o, &v) in d.iter_mut().zip(s) {
+                        *o = v * scale + shift;
+                    }
                 }
             }
         });
@@ -114,6 +171,10 @@ impl CustomOp3 for FusedGroupNorm {
     }
 
     fn bwd(&self, x: &Tensor, gamma: &Tensor, _beta: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.silu {
+            // `forward_silu` takes this op only when no input tracks gradients.
+            candle_core::bail!("group_norm + SiLU: the fused inference kernel has no backward pass");
+        }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let spatial: usize = dims[2..].iter().product();
@@ -149,6 +210,37 @@ impl CustomOp3 for FusedGroupNorm {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_silu_matches_the_tensor_ops() {
+        let dev = Device::Cpu;
+        let (b, c) = (2usize, 8usize);
+        for spatial in [vec![5usize, 7], vec![9], vec![33, 17]] {
+            let mut dims = vec![b, c];
+            dims.extend(&spatial);
+            let x = (Tensor::randn(0f32, 3.0, dims.as_slice(), &dev).unwrap() + 1.0).unwrap();
+            let gamma = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
+            let beta = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+            let norm = GroupNorm {
+                weight: gamma.clone(),
+                bias: beta.clone(),
+                groups: 2,
+                eps: 1e-5,
+                fallback: candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, 2, 1e-5).unwrap(),
+            };
+            let scale = Tensor::randn(0f32, 1.0, (b, c), &dev).unwrap();
+            let shift = Tensor::randn(0f32, 4.0, (b, c), &dev).unwrap();
+            for modulation in [None, Some((&scale, &shift))] {
+                let fused = norm.forward_silu(&x, modulation).unwrap();
+                // A variable input takes the tensor-op path.
+                let tracked = Var::from_tensor(&x).unwrap();
+                let reference = norm.forward_silu(tracked.as_tensor(), modulation).unwrap();
+                assert!(reference.track_op());
+                let d = max_diff(&fused, &reference);
+                assert!(d < 1e-5, "{dims:?} modulation {}: differs by {d}", modulation.is_some());
+            }
+        }
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()

@@ -200,7 +200,7 @@ impl EfficientUNet {
                 h = upsample.forward(&h)?;
             }
         }
-        self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)
+        self.out_conv.forward(&self.out_norm.forward_silu(&h, None)?)
     }
 }
 

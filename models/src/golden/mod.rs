@@ -54,19 +54,25 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
-    /// Tolerance for a single forward pass in this dtype (the README's 1e-4 in f32).
+    /// Tolerance for a single forward pass in this dtype. f32/f64: the README's 1e-4.
+    /// Half precision rounds every activation to 8 (bf16) or 11 (f16) mantissa bits, about
+    /// 4e-3 (bf16) per rounding, and a forward pass compounds a few dozen of them: 2e-2.
     pub fn forward_tolerance(&self) -> f64 {
         match self.dtype {
             DType::F32 | DType::F64 => 1e-4,
-            _ => 2e-2,
+            DType::BF16 | DType::F16 => 2e-2,
+            // Integer dtypes never reach a network (parse_dtype offers only floats).
+            _ => 1e-4,
         }
     }
 
-    /// Tolerance for a multi-step loop in this dtype (the README's 1e-3 in f32).
+    /// Tolerance for a multi-step loop in this dtype. f32/f64: the README's 1e-3 (ten times
+    /// a forward pass); half precision: 5e-2, since each step feeds the next its rounding.
     pub fn loop_tolerance(&self) -> f64 {
         match self.dtype {
             DType::F32 | DType::F64 => 1e-3,
-            _ => 5e-2,
+            DType::BF16 | DType::F16 => 5e-2,
+            _ => 1e-3,
         }
     }
 }
@@ -157,4 +163,19 @@ pub fn check_file(path: &Path, options: &RunOptions) -> Result<Vec<Check>, Golde
             keys
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerances_per_dtype_are_the_documented_ones() {
+        let with = |dtype| RunOptions { device: Device::Cpu, dtype };
+        assert_eq!((with(DType::F32).forward_tolerance(), with(DType::F32).loop_tolerance()), (1e-4, 1e-3));
+        assert_eq!((with(DType::BF16).forward_tolerance(), with(DType::BF16).loop_tolerance()), (2e-2, 5e-2));
+        assert_eq!((with(DType::F16).forward_tolerance(), with(DType::F16).loop_tolerance()), (2e-2, 5e-2));
+        let nan = Check { name: "x".into(), rel_err: f64::NAN, tolerance: 1.0 };
+        assert!(!nan.ok());
+    }
 }
