@@ -39,20 +39,9 @@ fi
 
 venv=.venv-k8s
 requirements=scripts/k8s-validate-requirements.txt
-stamp="$venv/.installed-$(sha256sum "$requirements" | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-    echo "validate-k8s.sh: installing $(tr '\n' ' ' <"$requirements")into $venv" >&2
-    if ! python3 -m venv --clear "$venv" 2>/dev/null; then
-        # Debian's python3 lacks ensurepip until python3-venv is installed.
-        echo "validate-k8s.sh: python3 -m venv failed, installing Debian's python3-venv" >&2
-        if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
-        python3 -m venv --clear "$venv"
-    fi
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-    touch "$stamp"
-fi
+# shellcheck source=lib/venv.sh
+. scripts/lib/venv.sh
+ensure_venv validate-k8s.sh "$venv" "$requirements"
 py="$venv/bin/python"
 
 mkdir -p "$out"

@@ -12,22 +12,9 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 venv="${FMBOOST_PYTHON_VENV:-$root/target/venv-python-client}"
 requirements="$here/requirements.txt"
-stamp="$venv/.installed-$(sha256sum "$requirements" | cut -c1-16)"
-
-if [ ! -f "$stamp" ]; then
-    echo "python client: installing $(grep -v '^#' "$requirements" | tr '\n' ' ')into $venv" >&2
-    mkdir -p "$(dirname "$venv")"
-    if ! python3 -m venv --clear "$venv" 2>/dev/null; then
-        # Debian's python3 lacks ensurepip until python3-venv is installed.
-        echo "python client: python3 -m venv failed, installing Debian's python3-venv" >&2
-        if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
-        python3 -m venv --clear "$venv"
-    fi
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-    touch "$stamp"
-fi
+# shellcheck source=../../scripts/lib/venv.sh
+. "$root/scripts/lib/venv.sh"
+ensure_venv "python client" "$venv" "$requirements"
 if [ "${1:-}" = "--install-only" ]; then
     exit 0
 fi
