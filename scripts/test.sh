@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Tests that need Redis start their own redis-server on a free loopback port.
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "test.sh: redis-server missing, installing Debian's package" >&2
+# Tests that need Redis start their own redis-server on a free loopback port; the Redis
+# Cluster test (coordinator/src/cluster_tests.rs) also runs redis-cli, which Debian's
+# redis-server package brings (redis-tools).
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    echo "test.sh: redis-server or redis-cli missing, installing Debian's package" >&2
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null

@@ -47,6 +47,16 @@ impl From<redis::RedisError> for ApiError {
     }
 }
 
+impl From<fmboost_core::blob::BlobError> for ApiError {
+    fn from(err: fmboost_core::blob::BlobError) -> Self {
+        use fmboost_core::blob::BlobError;
+        match err {
+            BlobError::Unavailable(err) => ApiError::Unavailable(err),
+            BlobError::Failed(err) => ApiError::Internal(err),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
         let message = err.to_string();

@@ -4,6 +4,8 @@
 //! answers), `liveness` stays SERVING while the process runs (fmboost_core::health).
 
 mod auth;
+#[cfg(test)]
+mod cluster_tests;
 mod error;
 mod message_size;
 mod idempotency;
@@ -67,6 +69,10 @@ struct Flags {
     /// Time to live of uploaded payload blobs.
     #[arg(long, default_value_t = 3600 * 1000, value_parser = clap::value_parser!(u64).range(1000..))]
     blob_ttl_ms: u64,
+    /// Where blobs (uploads, stage outputs, results) live: `redis` (the `--redis` one) or
+    /// `redis://HOST:PORT[/DB]` (a Redis for blobs only); the workers' must be the same.
+    #[arg(long, env = "FMBOOST_BLOB_STORE", default_value = "redis", value_parser = fmboost_core::blob::BlobStoreConfig::parse)]
+    blob_store: fmboost_core::blob::BlobStoreConfig,
     /// Events left unacknowledged this long (their replica died) are taken over.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
     event_claim_idle_ms: u64,
@@ -82,6 +88,9 @@ struct Flags {
 fn main() -> anyhow::Result<()> {
     fmboost_core::init_logging();
     let flags = Flags::parse();
+    if let Some(why) = Keys::check_namespace(&flags.namespace) {
+        anyhow::bail!("--namespace {:?}: {why}", flags.namespace);
+    }
     if flags.profiles.iter().any(|p| p.is_empty()) {
         anyhow::bail!("--profiles {:?}: empty profile name", flags.profiles.join(","));
     }
@@ -105,7 +114,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         fmboost_core::metrics::serve(addr, metrics.registry.clone()).await?;
     }
     let redis_timeout = Duration::from_millis(flags.redis_timeout_ms);
-    let store = store::JobStore { keys: keys.clone(), conn, result_ttl_ms: flags.result_ttl_ms, blob_ttl_ms: flags.blob_ttl_ms, timeout: redis_timeout };
+    let blobs = fmboost_core::blob::open(&flags.blob_store, &conn).await?;
+    tracing::info!("blobs in {}", blobs.describe());
+    let store = store::JobStore { keys: keys.clone(), conn, blobs, result_ttl_ms: flags.result_ttl_ms, blob_ttl_ms: flags.blob_ttl_ms, timeout: redis_timeout };
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::new(reporter, &[PipelineServer::<server::PipelineService>::NAME]).await;
     health.watch_redis(client.clone(), redis_timeout).await;

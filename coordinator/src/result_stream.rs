@@ -1,4 +1,5 @@
-//! GetResult: streams the PNG (and the final latent) out of their blobs in ranges (GETRANGE),
+//! GetResult: streams the PNG (and the final latent) out of their blobs in ranges (the blob
+//! store's `get_range`: GETRANGE in Redis),
 //! so a call holds about one chunk in memory whatever the result's size or `chunk_bytes`.
 //!
 //! A blob is a prost-encoded `BlobPayload`: `latent = 1` (a `Tensor`) or `image = 2` (bytes).
@@ -138,11 +139,7 @@ struct BlobReader {
 
 impl BlobReader {
     async fn range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, ApiError> {
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let mut conn = self.store.conn.clone();
-        Ok(redis::cmd("GETRANGE").arg(key).arg(offset).arg(offset + len - 1).query_async(&mut conn).await?)
+        Ok(self.store.blobs.get_range(key, offset, len).await?)
     }
 
     /// The payload's place in blob `key`; None when the key is empty or gone.
@@ -150,11 +147,7 @@ impl BlobReader {
         if key.is_empty() {
             return Ok(None);
         }
-        let mut conn = self.store.conn.clone();
-        let total: u64 = redis::cmd("STRLEN").arg(key).query_async(&mut conn).await?;
-        if total == 0 {
-            return Ok(None);
-        }
+        let Some(total) = self.store.blobs.len(key).await? else { return Ok(None) };
         let bad = |e: String| internal(format!("blob {key}: {e}"));
         let mut cursor = 0;
         while cursor < total {

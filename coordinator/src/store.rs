@@ -6,9 +6,10 @@
 //! `input_blob` (the current stage's input), `png_blob`/`latent_blob` (results), `png_bytes`
 //! (the PNG's length), `error`, `created_ms`, `updated_ms`. Terminal records expire after `--result-ttl-ms`.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use fmboost_core::blob::BlobStore;
 use fmboost_core::keys::Keys;
 use fmboost_core::spec::JobSpec;
 use fmboost_core::stage::{StageKind, StageRef};
@@ -18,40 +19,37 @@ use redis::aio::ConnectionManager;
 
 use crate::error::ApiError;
 
-static SUBMIT: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static SUBMIT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
--- KEYS: active, job, idem, queue, upload blob
--- ARGV: job_id, max_queued, now, spec, task, use_idem, idem_ttl, upload, blob_ttl, stage, hop,
+-- KEYS: active, job, idem, queue
+-- ARGV: job_id, max_queued, now, spec, task, use_idem, idem_ttl, upload blob (written before,
+--       through the blob store; '' for none), stage, hop,
 --       fingerprint (the idempotency key keeps 'job_id fingerprint')
 if ARGV[6] == '1' then
   local existing = redis.call('GET', KEYS[3])
   if existing then
     local id, fingerprint = string.match(existing, '^(%S+) (%S+)$')
     if not id then return {'existing', existing} end
-    if fingerprint == ARGV[12] then return {'existing', id} end
+    if fingerprint == ARGV[11] then return {'existing', id} end
     return {'conflict', id}
   end
 end
 local active = redis.call('ZCARD', KEYS[1])
 if active >= tonumber(ARGV[2]) then return {'full', tostring(active)} end
-local input = ''
-if ARGV[8] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[8], 'PX', ARGV[9])
-  input = KEYS[5]
-end
+local input = ARGV[8]
 local entry = redis.call('XADD', KEYS[4], '*', 'task', ARGV[5])
-redis.call('HSET', KEYS[2], 'spec', ARGV[4], 'state', 'queued', 'stage', ARGV[10], 'hop', ARGV[11],
+redis.call('HSET', KEYS[2], 'spec', ARGV[4], 'state', 'queued', 'stage', ARGV[9], 'hop', ARGV[10],
   'task_stream', KEYS[4], 'task_entry', entry, 'input_blob', input, 'created_ms', ARGV[3], 'updated_ms', ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[12], 'PX', ARGV[7]) end
+if ARGV[6] == '1' then redis.call('SET', KEYS[3], ARGV[1] .. ' ' .. ARGV[11], 'PX', ARGV[7]) end
 return {'created', ARGV[1]}
 ",
     )
 });
 
 /// Moves a job at (stage, hop) on: queues the next task, or completes it when `task` is empty.
-static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 -- KEYS: job, next queue, active
@@ -79,7 +77,7 @@ return 'advanced'
 });
 
 /// Marks a job at (stage, hop) running.
-static START: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static START: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 -- KEYS: job  ARGV: stage, hop, now
@@ -93,7 +91,7 @@ return 'running'
 });
 
 /// Fails a job at (stage, hop) with a reason.
-static FAIL: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static FAIL: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 -- KEYS: job, active  ARGV: stage, hop, now, reason, job_id, result_ttl
@@ -109,7 +107,7 @@ return 'failed'
 });
 
 /// Cancels a job: removes its queued task, raises the flag workers check, tells them at once.
-static CANCEL: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static CANCEL: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 -- KEYS: job, active, cancel flag, cancel channel  ARGV: now, job_id, result_ttl
@@ -184,6 +182,8 @@ pub struct JobRecord {
     pub at: StageRef,
     pub task_stream: String,
     pub task_entry: String,
+    /// The current stage's input blob (at the decoder: the final latent).
+    pub input_blob: String,
     pub png_blob: String,
     /// The PNG's length (None in records completed by a coordinator older than the field).
     pub png_bytes: Option<u64>,
@@ -214,6 +214,8 @@ pub enum Transition {
 pub struct JobStore {
     pub keys: Keys,
     pub conn: ConnectionManager,
+    /// Where blobs live (`--blob-store`): every blob read and write goes through it.
+    pub blobs: Arc<dyn BlobStore>,
     pub result_ttl_ms: u64,
     pub blob_ttl_ms: u64,
     /// How long a Submit waits for Redis (`--redis-timeout-ms`).
@@ -233,9 +235,7 @@ impl JobStore {
         if key.is_empty() {
             return Ok(None);
         }
-        let mut conn = self.conn.clone();
-        let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-        let Some(bytes) = bytes else { return Ok(None) };
+        let Some(bytes) = self.blobs.get(key).await? else { return Ok(None) };
         let payload = ipb::BlobPayload::decode(bytes.as_slice()).map_err(|e| ApiError::Internal(anyhow::anyhow!("blob {key}: {e}")))?;
         Ok(payload.payload)
     }
@@ -251,7 +251,7 @@ impl JobStore {
         let first = job.spec.first_stage();
         let upload_key = self.keys.upload_blob(job.job_id);
         let input_blob = if job.upload.is_some() { upload_key.clone() } else { String::new() };
-        let task = self.task(job.job_id, job.spec, first, input_blob, now);
+        let task = self.task(job.job_id, job.spec, first, input_blob.clone(), now);
         let idem = job.spec.idempotency_key.as_deref();
         let fingerprint = crate::idempotency::fingerprint(job.spec, job.upload.as_ref());
         let mut invocation = SUBMIT.key(self.keys.active());
@@ -259,7 +259,6 @@ impl JobStore {
             .key(self.keys.job(job.job_id))
             .key(self.keys.idempotency(idem.unwrap_or("-")))
             .key(self.keys.queue(first.kind, job.spec.priority))
-            .key(upload_key)
             .arg(job.job_id)
             .arg(job.max_queued)
             .arg(now)
@@ -267,12 +266,21 @@ impl JobStore {
             .arg(task)
             .arg(if idem.is_some() { "1" } else { "0" })
             .arg(24 * 3600 * 1000u64)
-            .arg(job.upload.map(|u| u.encode_to_vec()).unwrap_or_default())
-            .arg(self.blob_ttl_ms)
+            .arg(&input_blob)
             .arg(first.kind.name())
             .arg(first.hop)
             .arg(fingerprint);
         self.ping_before_writing().await?;
+        if let Some(upload) = &job.upload {
+            // Written before the record that names it. A failure here admitted nothing
+            // (UNAVAILABLE: safe to retry); a blob left by a refused or unknown-outcome
+            // submission expires with its TTL.
+            let ttl = Duration::from_millis(self.blob_ttl_ms);
+            self.blobs.put(&upload_key, upload.encode_to_vec(), ttl).await.map_err(|err| match ApiError::from(err) {
+                ApiError::Unavailable(err) => ApiError::Unavailable(err.context("writing the upload; nothing was admitted")),
+                other => other,
+            })?;
+        }
         let mut conn = self.conn.clone();
         let mut reply = tokio::spawn(async move { invocation.invoke_async::<(String, String)>(&mut conn).await });
         let job_id = job.job_id.to_string();
@@ -301,6 +309,13 @@ impl JobStore {
             Ok(Err(err)) => return Err(ApiError::Internal(anyhow::anyhow!("the submit script: {err}"))),
             Err(err) => return Err(ApiError::Internal(anyhow::anyhow!("the submit task: {err}"))),
         };
+        if job.upload.is_some() && outcome != "created" {
+            // Nothing names this upload: remove it now rather than at its TTL (a failure here
+            // leaves it to the TTL, and is logged).
+            if let Err(err) = self.blobs.delete(&upload_key).await {
+                tracing::warn!(job = %job_id, "removing the upload of a refused submission: {err}");
+            }
+        }
         Ok(match outcome.as_str() {
             "created" => Submitted::Created(value),
             "existing" => Submitted::Existing(value),
@@ -371,6 +386,13 @@ impl JobStore {
             ),
             None => (self.keys.queue(StageKind::Decoder, record.spec.priority), Vec::new(), from),
         };
+        if next.is_none() && !self.blobs.in_routing_redis() {
+            // The script keeps the results for `--result-ttl-ms` only where it can reach them
+            // (blobs in the routing Redis); elsewhere it is done here, before the job is
+            // completed, so a failure leaves the event to be handled again.
+            let results = [output_blob.to_string(), record.input_blob.clone()];
+            self.blobs.expire(&results, Duration::from_millis(self.result_ttl_ms)).await?;
+        }
         let mut conn = self.conn.clone();
         let outcome: String = ADVANCE
             .key(self.keys.job(&record.job_id))
@@ -458,6 +480,7 @@ fn parse_record(job_id: &str, fields: &std::collections::HashMap<String, Vec<u8>
         at: StageRef { kind, hop: number("hop")? as u32 },
         task_stream: text("task_stream"),
         task_entry: text("task_entry"),
+        input_blob: text("input_blob"),
         png_blob: text("png_blob"),
         png_bytes: fields.get("png_bytes").map(|_| number("png_bytes")).transpose()?,
         latent_blob: text("latent_blob"),

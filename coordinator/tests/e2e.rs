@@ -95,7 +95,7 @@ async fn watch_reports_queue_stages_steps_and_completion() {
     assert!(matches!(terminal(&again), Event::Completed(c) if c.png_bytes == png.len() as u64), "{again:?}");
     // A record completed by an older coordinator has no count: measured from the blob.
     let mut redis = cluster.redis().await;
-    let removed: u32 = redis::cmd("HDEL").arg(format!("{}:job:{job_id}", cluster.namespace)).arg("png_bytes").query_async(&mut redis).await.unwrap();
+    let removed: u32 = redis::cmd("HDEL").arg(format!("{}:job:{{{job_id}}}", cluster.namespace)).arg("png_bytes").query_async(&mut redis).await.unwrap();
     assert_eq!(removed, 1, "the record kept the count");
     let old = watch_to_end(&cluster, &mut client, &job_id).await;
     assert!(matches!(terminal(&old), Event::Completed(c) if c.png_bytes == png.len() as u64), "{old:?}");

@@ -166,8 +166,8 @@ async fn missing_or_corrupt_input_blob_fails_the_job_with_the_reason() {
     let missing = submit(&cluster, &mut client, spec(1)).await;
     let corrupt = submit(&cluster, &mut client, spec(2)).await;
     let mut redis = cluster.redis().await;
-    let _: () = redis::cmd("DEL").arg(format!("e2e:blob:{missing}:upload")).query_async(&mut redis).await.unwrap();
-    let key = format!("e2e:blob:{corrupt}:upload");
+    let _: () = redis::cmd("DEL").arg(format!("e2e:blob:{{{missing}}}:upload")).query_async(&mut redis).await.unwrap();
+    let key = format!("e2e:blob:{{{corrupt}}}:upload");
     let bytes: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
     let mut payload = fmboost_proto::internal::BlobPayload::decode(bytes.as_slice()).unwrap();
     if let Some(fmboost_proto::internal::blob_payload::Payload::Latent(t)) = &mut payload.payload {

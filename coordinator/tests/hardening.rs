@@ -54,7 +54,8 @@ async fn job_seeds(cluster: &Cluster) -> BTreeMap<String, u64> {
     let mut seeds = BTreeMap::new();
     for key in keys {
         let spec: Vec<u8> = redis::cmd("HGET").arg(&key).arg("spec").query_async(&mut redis).await.unwrap();
-        seeds.insert(key.trim_start_matches(&prefix).to_string(), pb::JobSpec::decode(spec.as_slice()).unwrap().seed);
+        let id = key.trim_start_matches(&prefix).trim_start_matches('{').trim_end_matches('}');
+        seeds.insert(id.to_string(), pb::JobSpec::decode(spec.as_slice()).unwrap().seed);
     }
     seeds
 }
@@ -445,7 +446,7 @@ async fn failure_reasons_are_one_line_with_backtraces_on() {
     let wrong = WireTensor::from_f32(vec![1, 3, 8, 8], &[0.1; 192]).to_proto();
     let blob = fmboost_proto::internal::BlobPayload { payload: Some(fmboost_proto::internal::blob_payload::Payload::Latent(wrong)) };
     let mut redis = cluster.redis().await;
-    let key = format!("{}:blob:{job}:upload", cluster.namespace);
+    let key = format!("{}:blob:{{{job}}}:upload", cluster.namespace);
     let _: () = redis::cmd("SET").arg(&key).arg(blob.encode_to_vec()).query_async(&mut redis).await.unwrap();
     let worker = cluster.start_worker("cfm");
     let reason = match terminal(&watch_to_end(&cluster, &mut client, &job).await) {

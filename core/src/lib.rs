@@ -5,6 +5,7 @@
 //! tests and the load harness start.
 
 pub mod health;
+pub mod blob;
 pub mod capabilities;
 pub mod keys;
 pub mod metrics;

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod driver;
 pub mod faults;
 pub mod record;
+pub mod redis_usage;
 pub mod report;
 pub mod spec;
 pub mod stats;
@@ -113,6 +114,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     } else {
         (None, None)
     };
+    let redis_before = match &cluster {
+        Some(cluster) => Some(redis_usage::sample(&cluster.lock().await.redis_url()).await.context("reading Redis INFO before the load")?),
+        None => None,
+    };
     let uri = match (&cluster, &args.target) {
         (Some(cluster), _) => format!("http://{}", cluster.lock().await.coordinator_addr),
         (None, Some(target)) => endpoint_uri(target)?,
@@ -163,15 +168,22 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     };
     drop(progress);
 
-    let (unexpected_exits, active_jobs_after) = match &cluster {
+    let (unexpected_exits, active_jobs_after, redis_after) = match &cluster {
         Some(cluster) => {
             let mut cluster = cluster.lock().await;
             let exits = cluster.unexpected_exits()?;
             let active = active_jobs(&uri, token).await;
+            // Read before the shutdown stops the counters (and after a Redis restart they
+            // count from that start only: the `redis` section is then left out).
+            let url = cluster.redis_url();
+            let after = match redis_usage::sample(&url).await {
+                Ok(sample) => Some((sample, redis_usage::blobs(&url, &namespace).await.context("counting the run's blobs")?)),
+                Err(err) => return Err(err.context("reading Redis INFO after the load")),
+            };
             cluster.shutdown().await?;
-            (exits, Some(active?))
+            (exits, Some(active?), after)
         }
-        None => (Vec::new(), None),
+        None => (Vec::new(), None, None),
     };
     let faults_done = fault_log.lock().expect("fault log lock").clone();
     let run = RunInfo {
@@ -186,14 +198,18 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         duration_s: 0.0,
         drain_expired: outcome.drain_expired,
     };
-    Ok(Report::build(ReportInput {
+    let mut report = Report::build(ReportInput {
         records: &outcome.records,
         errors: tally.snapshot(),
         faults: &faults_done,
         unexpected_exits,
         active_jobs_after,
         run,
-    }))
+    });
+    if let (Some(before), Some((after, blobs)), true) = (redis_before, redis_after, args.restart_redis.is_empty()) {
+        report.redis = Some(redis_usage::RedisUsage::between(&before, &after, report.counts.completed, blobs));
+    }
+    Ok(report)
 }
 
 async fn active_jobs(uri: &str, token: Option<String>) -> anyhow::Result<u64> {

@@ -74,6 +74,9 @@ pub struct Report {
     /// whether or not the harness knows their id).
     pub active_jobs_after: Option<u64>,
     pub run: RunInfo,
+    /// Local mode without a Redis restart: Redis' CPU, bytes and the run's blobs (total, per job).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<crate::redis_usage::RedisUsage>,
     /// Why the run fails (exit status 1): nothing admitted, lost jobs, checksum mismatches,
     /// duplicates, crashes.
     pub problems: Vec<String>,
@@ -167,6 +170,7 @@ impl Report {
             active_jobs_after,
             counts,
             run,
+            redis: None,
             problems,
         }
     }
@@ -241,6 +245,9 @@ impl Report {
             if let Some(inflation) = self.fault_impact.as_ref().and_then(|i| i.p99_inflation) {
                 let _ = writeln!(out, "\np99 inflation (jobs spanning a fault / others): {inflation:.2}×");
             }
+        }
+        if let Some(redis) = &self.redis {
+            out += &redis.markdown();
         }
         if self.problems.is_empty() {
             let _ = writeln!(out, "\nResult: OK");

@@ -61,6 +61,10 @@ pub struct WorkerFlags {
     /// Time to live of output blobs.
     #[arg(long, default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1000..))]
     pub blob_ttl_ms: u64,
+    /// Where stage outputs are read and written: `redis` (the `--redis` one) or
+    /// `redis://HOST:PORT[/DB]` (a Redis for blobs only); the coordinator's must be the same.
+    #[arg(long, env = "FMBOOST_BLOB_STORE", default_value = "redis", value_parser = crate::blob::BlobStoreConfig::parse)]
+    pub blob_store: crate::blob::BlobStoreConfig,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -96,8 +100,8 @@ impl WorkerFlags {
                 self.idle_timeout_ms
             );
         }
-        if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
-            bail!("--namespace {:?}: must be non-empty without spaces", self.namespace);
+        if let Some(why) = Keys::check_namespace(&self.namespace) {
+            bail!("--namespace {:?}: {why}", self.namespace);
         }
         Ok(())
     }
@@ -154,6 +158,7 @@ pub(crate) struct WorkerContext {
     pub keys: Keys,
     pub executor: Arc<dyn StageExecutor>,
     pub conn: redis::aio::ConnectionManager,
+    pub blobs: Arc<dyn crate::blob::BlobStore>,
     pub metrics: WorkerMetrics,
     pub cancels: cancel::CancelWatch,
     /// (stream, entry id) of tasks read and not yet acknowledged: touched every heartbeat.
@@ -191,6 +196,7 @@ async fn run(kind: StageKind, flags: WorkerFlags, factory: ExecutorFactory) -> a
         redis_conn::ensure_group(&mut conn, &stream, crate::keys::WORKER_GROUP).await?;
     }
     let id = flags.worker_id.clone().unwrap_or_else(default_worker_id);
+    let blobs = crate::blob::open(&flags.blob_store, &conn).await?;
     let cancels = cancel::CancelWatch::start(client.clone(), conn.clone(), keys.clone());
     let ctx = Arc::new(WorkerContext {
         kind,
@@ -198,6 +204,7 @@ async fn run(kind: StageKind, flags: WorkerFlags, factory: ExecutorFactory) -> a
         keys,
         executor: Arc::from(executor),
         conn,
+        blobs,
         metrics: worker_metrics,
         cancels,
         in_flight: Mutex::new(Vec::new()),
@@ -293,6 +300,9 @@ mod tests {
         let err = WorkerFlags::try_parse_from(["w", "--device", "gpu"]).unwrap_err().to_string();
         assert!(err.contains("--device") && err.contains("cuda:N"), "{err}");
         assert!(WorkerFlags::try_parse_from(["w", "--max-batch", "0"]).is_err());
+        let err = WorkerFlags::try_parse_from(["w", "--blob-store", "s3://b"]).unwrap_err().to_string();
+        assert!(err.contains("--blob-store") && err.contains("not built"), "{err}");
+        assert_eq!(WorkerFlags::try_parse_from(["w"]).unwrap().blob_store, crate::blob::BlobStoreConfig::Routing);
     }
 
     #[test]

@@ -117,8 +117,7 @@ async fn load_input(ctx: &WorkerContext, key: &str) -> anyhow::Result<Result<Sta
     if key.is_empty() {
         return Ok(Ok(StageInput::Text));
     }
-    let mut conn = ctx.conn.clone();
-    let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await.with_context(|| format!("GET {key}"))?;
+    let bytes = ctx.blobs.get(key).await.with_context(|| format!("reading input blob {key} from {}", ctx.blobs.describe()))?;
     let Some(bytes) = bytes else {
         return Ok(Err(format!("input blob {key} is missing (expired or never written)")));
     };
@@ -199,8 +198,9 @@ async fn report(ctx: &WorkerContext, p: &Prepared, result: Result<StageOutput, S
 }
 
 /// Writes the output blob (if any) and the event, and acknowledges and deletes the entry, in
-/// one transaction: the coordinator never sees an event without its blob, and an entry is
-/// never acknowledged without its event.
+/// one transaction (a blob store outside the routing Redis writes the blob first): the
+/// coordinator never sees an event without its blob, and an entry is never acknowledged
+/// without its event.
 #[allow(clippy::too_many_arguments)]
 async fn settle(
     ctx: &WorkerContext,
@@ -215,7 +215,8 @@ async fn settle(
     let mut pipe = redis::pipe();
     pipe.atomic();
     if let Some((key, bytes)) = blob {
-        pipe.cmd("SET").arg(key).arg(bytes).arg("PX").arg(ctx.flags.blob_ttl_ms).ignore();
+        let ttl = std::time::Duration::from_millis(ctx.flags.blob_ttl_ms);
+        ctx.blobs.put_with(&mut pipe, &key, bytes, ttl).await.with_context(|| format!("writing output blob {key}"))?;
     }
     pipe.cmd("XADD").arg(ctx.keys.events()).arg("*").arg("event").arg(stage_event(ctx, job_id, at, attempt, kind)).ignore();
     pipe.cmd("XACK").arg(stream).arg(WORKER_GROUP).arg(entry_id).ignore();
