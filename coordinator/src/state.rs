@@ -20,7 +20,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use crate::error::ApiError;
 use crate::metrics::CoordinatorMetrics;
 use crate::status;
-use crate::store::{JobStore, Transition};
+use crate::store::{Advanced, JobStore, Transition};
 
 pub struct StateMachine {
     pub store: JobStore,
@@ -42,11 +42,7 @@ impl StateMachine {
                 self.read(&mut blocking, &events).await
             };
             match entries {
-                Ok(entries) => {
-                    for entry in entries {
-                        self.handle_entry(&events, entry).await;
-                    }
-                }
+                Ok(entries) => self.handle_batch(&events, entries).await,
                 Err(err) => {
                     tracing::error!("reading events: {err:#}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -93,30 +89,68 @@ impl StateMachine {
         Ok(reply.claimed)
     }
 
-    async fn handle_entry(&self, events: &str, entry: StreamId) {
-        let event = match entry.map.get("event") {
-            Some(redis::Value::BulkString(bytes)) => ipb::StageEvent::decode(bytes.as_slice()).map_err(|e| e.to_string()),
-            _ => Err("no `event` field".to_string()),
-        };
-        let handled = match event {
-            Ok(event) => self.handle(event).await,
-            Err(reason) => {
-                tracing::error!(entry = %entry.id, "dropping an undecodable event: {reason}");
-                Ok(())
-            }
-        };
-        match handled {
-            Ok(()) => {
-                let mut conn = self.store.conn.clone();
-                let mut pipe = redis::pipe();
-                pipe.cmd("XACK").arg(events).arg(COORDINATOR_GROUP).arg(&entry.id).ignore();
-                pipe.cmd("XDEL").arg(events).arg(&entry.id).ignore();
-                if let Err(err) = pipe.query_async::<()>(&mut conn).await {
-                    tracing::warn!(entry = %entry.id, "acknowledging an event: {err}");
+    /// Handles a read batch: events of different jobs run concurrently, each job's events one
+    /// at a time in stream order (so a job's Started is never applied after its Done), and
+    /// every handled entry is acknowledged in one pipelined XACK + XDEL. Duplicates are
+    /// harmless because every transition re-checks the job's stage in its script; across
+    /// replicas the same holds, since a replica only sees the entries delivered to it.
+    async fn handle_batch(&self, events: &str, entries: Vec<StreamId>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut by_job: Vec<(String, Vec<(String, ipb::StageEvent)>)> = Vec::new();
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut handled_ids: Vec<String> = Vec::new();
+        for entry in entries {
+            let event = match entry.map.get("event") {
+                Some(redis::Value::BulkString(bytes)) => ipb::StageEvent::decode(bytes.as_slice()).map_err(|e| e.to_string()),
+                _ => Err("no `event` field".to_string()),
+            };
+            match event {
+                Ok(event) => {
+                    let slot = *index.entry(event.job_id.clone()).or_insert_with(|| {
+                        by_job.push((event.job_id.clone(), Vec::new()));
+                        by_job.len() - 1
+                    });
+                    by_job[slot].1.push((entry.id, event));
+                }
+                Err(reason) => {
+                    tracing::error!(entry = %entry.id, "dropping an undecodable event: {reason}");
+                    handled_ids.push(entry.id);
                 }
             }
-            // Left pending: reclaimed and handled again after the claim timeout.
-            Err(err) => tracing::error!(entry = %entry.id, "handling an event: {err}"),
+        }
+        let per_job = by_job.into_iter().map(|(_, job_events)| async move {
+            let mut done = Vec::with_capacity(job_events.len());
+            for (id, event) in job_events {
+                match self.handle(event).await {
+                    Ok(()) => done.push(id),
+                    Err(err) => {
+                        // Left pending (reclaimed and handled again after the claim timeout);
+                        // the job's later events wait for it, so its order holds.
+                        tracing::error!(entry = %id, "handling an event: {err}");
+                        break;
+                    }
+                }
+            }
+            done
+        });
+        for done in futures::future::join_all(per_job).await {
+            handled_ids.extend(done);
+        }
+        self.acknowledge(events, &handled_ids).await;
+    }
+
+    async fn acknowledge(&self, events: &str, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut conn = self.store.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK").arg(events).arg(COORDINATOR_GROUP).arg(ids).ignore();
+        pipe.cmd("XDEL").arg(events).arg(ids).ignore();
+        if let Err(err) = pipe.query_async::<()>(&mut conn).await {
+            tracing::warn!(count = ids.len(), "acknowledging events: {err}");
         }
     }
 
@@ -142,7 +176,8 @@ impl StateMachine {
                     return Ok(());
                 };
                 let next = record.spec.next_stage(at);
-                if self.store.advance(&record, at, next, &done.output_blob, done.output_bytes, now).await? == Transition::Stale {
+                let advanced = self.store.advance(&record, at, next, &done.output_blob, done.output_bytes, now).await?;
+                if matches!(advanced, Advanced::Stale) {
                     return Ok(());
                 }
                 self.metrics.queue_wait_seconds.with_label_values(&stage_label).observe(done.queue_wait_ms as f64 / 1000.0);
@@ -154,22 +189,21 @@ impl StateMachine {
                     service_ms: done.service_ms,
                     batch_size: done.batch_size,
                 };
-                self.publish(&event.job_id, pb::job_event::Event::StageFinished(finished)).await;
-                match next {
-                    Some(next) => {
-                        let position = match self.store.get(&event.job_id).await? {
-                            Some(record) => status::queue_position(&self.store, &record).await?,
-                            None => 0,
-                        };
-                        let queued = pb::Queued { at: Some(next.to_proto()), position };
-                        self.publish(&event.job_id, pb::job_event::Event::Queued(queued)).await;
+                let follow_up = match advanced {
+                    // The script returned the new entry: no read back of the record.
+                    Advanced::Queued(queued_record) => {
+                        let position = status::queue_position(&self.store, &queued_record).await?;
+                        let at = queued_record.at;
+                        pb::job_event::Event::Queued(pb::Queued { at: Some(at.to_proto()), position })
                     }
-                    None => {
+                    Advanced::Completed => {
                         self.metrics.jobs.with_label_values(&["completed"]).inc();
-                        let completed = pb::Completed { png_bytes: done.output_bytes };
-                        self.publish(&event.job_id, pb::job_event::Event::Completed(completed)).await;
+                        pb::job_event::Event::Completed(pb::Completed { png_bytes: done.output_bytes })
                     }
-                }
+                    Advanced::Stale => unreachable!("returned above"),
+                };
+                // Both messages in one pipelined round trip, in order.
+                publish_all(&self.store, &event.job_id, vec![pb::job_event::Event::StageFinished(finished), follow_up]).await;
             }
             Some(Kind::Failed(failed)) => {
                 // Workers send one line already; older ones may not.
@@ -195,11 +229,20 @@ impl StateMachine {
 /// Sends a `JobEvent` to the job's watchers (on every replica). Watchers also poll the record,
 /// so a lost message delays an update but never loses a terminal state.
 pub async fn publish(store: &JobStore, job_id: &str, event: pb::job_event::Event) {
-    let message = pb::JobEvent { job_id: job_id.to_string(), time_unix_ms: now_unix_ms(), event: Some(event) };
+    publish_all(store, job_id, vec![event]).await;
+}
+
+/// Publishes `events` in order, in one pipelined round trip.
+pub async fn publish_all(store: &JobStore, job_id: &str, events: Vec<pb::job_event::Event>) {
+    let channel = store.keys.watch_channel(job_id);
+    let time_unix_ms = now_unix_ms();
+    let mut pipe = redis::pipe();
+    for event in events {
+        let message = pb::JobEvent { job_id: job_id.to_string(), time_unix_ms, event: Some(event) };
+        pipe.cmd("PUBLISH").arg(&channel).arg(message.encode_to_vec()).ignore();
+    }
     let mut conn = store.conn.clone();
-    let published: redis::RedisResult<()> =
-        redis::cmd("PUBLISH").arg(store.keys.watch_channel(job_id)).arg(message.encode_to_vec()).query_async(&mut conn).await;
-    if let Err(err) = published {
-        tracing::warn!(job = %job_id, "publishing a job event: {err}");
+    if let Err(err) = pipe.query_async::<()>(&mut conn).await {
+        tracing::warn!(job = %job_id, "publishing job events: {err}");
     }
 }

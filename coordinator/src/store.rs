@@ -49,6 +49,7 @@ return {'created', ARGV[1]}
 });
 
 /// Moves a job at (stage, hop) on: queues the next task, or completes it when `task` is empty.
+/// Returns `{outcome}` or `{'advanced', next task entry}`.
 pub(crate) static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -56,8 +57,8 @@ pub(crate) static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| {
 -- ARGV: stage, hop, now, next task, next stage, next hop, output blob, job_id, result_ttl,
 --       output bytes (the PNG's length when completing)
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'running' then return 'stale' end
-if redis.call('HGET', KEYS[1], 'stage') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'hop') ~= ARGV[2] then return 'stale' end
+if state ~= 'queued' and state ~= 'running' then return {'stale'} end
+if redis.call('HGET', KEYS[1], 'stage') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'hop') ~= ARGV[2] then return {'stale'} end
 if ARGV[4] == '' then
   local latent = redis.call('HGET', KEYS[1], 'input_blob')
   redis.call('HSET', KEYS[1], 'state', 'completed', 'png_blob', ARGV[7], 'png_bytes', ARGV[10],
@@ -66,12 +67,13 @@ if ARGV[4] == '' then
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
   redis.call('PEXPIRE', ARGV[7], ARGV[9])
   if latent and latent ~= '' then redis.call('PEXPIRE', latent, ARGV[9]) end
-  return 'completed'
+  return {'completed'}
 end
 local entry = redis.call('XADD', KEYS[2], '*', 'task', ARGV[4])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'stage', ARGV[5], 'hop', ARGV[6], 'task_stream', KEYS[2],
   'task_entry', entry, 'input_blob', ARGV[7], 'updated_ms', ARGV[3])
-return 'advanced'
+-- The new entry id, so the caller knows the queued record without reading it back.
+return {'advanced', entry}
 ",
     )
 });
@@ -191,6 +193,15 @@ pub struct JobRecord {
     pub error: String,
     pub created_ms: u64,
     pub updated_ms: u64,
+}
+
+/// Outcome of `advance`.
+pub enum Advanced {
+    /// The job was no longer at the event's stage: nothing changed.
+    Stale,
+    Completed,
+    /// The next stage's task is queued; the record as it now is in Redis.
+    Queued(JobRecord),
 }
 
 /// Outcome of a submission.
@@ -377,7 +388,7 @@ impl JobStore {
         output_blob: &str,
         output_bytes: u64,
         now: u64,
-    ) -> Result<Transition, ApiError> {
+    ) -> Result<Advanced, ApiError> {
         let (queue, task, next_at) = match next {
             Some(next) => (
                 self.keys.queue(next.kind, record.spec.priority),
@@ -394,9 +405,9 @@ impl JobStore {
             self.blobs.expire(&results, Duration::from_millis(self.result_ttl_ms)).await?;
         }
         let mut conn = self.conn.clone();
-        let outcome: String = ADVANCE
+        let outcome: Vec<String> = ADVANCE
             .key(self.keys.job(&record.job_id))
-            .key(queue)
+            .key(&queue)
             .key(self.keys.active())
             .arg(from.kind.name())
             .arg(from.hop)
@@ -410,7 +421,19 @@ impl JobStore {
             .arg(output_bytes)
             .invoke_async(&mut conn)
             .await?;
-        Ok(transition(&outcome))
+        match (outcome.first().map(String::as_str), outcome.get(1), next) {
+            (Some("stale"), _, _) => Ok(Advanced::Stale),
+            (Some("completed"), _, None) => Ok(Advanced::Completed),
+            (Some("advanced"), Some(entry), Some(next)) => Ok(Advanced::Queued(JobRecord {
+                state: JobState::Queued,
+                at: next,
+                task_stream: queue,
+                task_entry: entry.clone(),
+                updated_ms: now,
+                ..record.clone()
+            })),
+            _ => Err(ApiError::Internal(anyhow::anyhow!("unexpected reply of the advance script: {outcome:?}"))),
+        }
     }
 
     pub async fn fail(&self, job_id: &str, at: StageRef, reason: &str, now: u64) -> Result<Transition, ApiError> {
